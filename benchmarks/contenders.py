@@ -65,6 +65,19 @@ def _keras(**kwargs):
     return run
 
 
+def _jaxfit(**kwargs):
+    def run(w, epochs, clock, workdir):
+        from benchmarks.jaxfit_contender import run_jaxfit
+
+        return run_jaxfit(w, epochs, clock, workdir, **kwargs)
+
+    return run
+
+
+def _import_jaxfit() -> None:
+    import jaxfit  # noqa: F401  (tunes the allocator before JAX's backend starts)
+
+
 def _mallopt() -> None:
     # `import jaxfit` tunes glibc's allocator before the backend starts; the hand loop
     # itself does not use jaxfit.
@@ -99,6 +112,14 @@ CONTENDERS: dict[str, Contender] = {
         Contender(
             "C-spe16", "C Keras steps_per_execution=16", _keras(steps_per_execution=16),
             env=_KERAS_ENV, needs=("keras",),
+        ),
+        Contender(
+            "jaxfit-callbacks", "jaxfit fit + everyday callbacks", _jaxfit(callbacks=True),
+            prepare=_import_jaxfit,
+        ),
+        Contender(
+            "jaxfit-spe", "jaxfit steps_per_execution=16", _jaxfit(steps_per_execution=16),
+            prepare=_import_jaxfit,
         ),
     ]
 }
