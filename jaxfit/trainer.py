@@ -53,8 +53,9 @@ class Trainer:
         mesh: a ``jax.sharding.Mesh`` for data-parallel training: the training state is
             replicated on every device and each batch is split along ``data_axis`` (the
             batch size must divide evenly). With several processes
-            (``jax.distributed.initialize()``), each process feeds its own share of every
-            batch. ``None`` runs on the default device.
+            (``jax.distributed.initialize()`` first), every process runs the same ``fit``
+            on the same data and feeds its own devices their rows of each global batch.
+            ``None`` runs on the default device.
         data_axis: the mesh axis that batches are split along.
 
     Example:
@@ -234,17 +235,20 @@ class Trainer:
         spec = PartitionSpec(None, self.data_axis) if stacked else PartitionSpec(self.data_axis)
         sharding = NamedSharding(self.mesh, spec)
         if jax.process_count() > 1:
-            return jax.tree_util.tree_map(lambda a: jax.make_array_from_process_local_data(sharding, a), tree)
+            # Every process holds the same global batch (same data, seed and order); each
+            # one hands its own devices their rows, whatever the mesh's device layout.
+            return jax.tree_util.tree_map(
+                lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx]), tree)
         return jax.device_put(tree, sharding)
 
     def _check_divisible(self, batch: int) -> None:
         if self.mesh is None:
             return
-        n = self.mesh.shape[self.data_axis] // jax.process_count()
+        n = self.mesh.shape[self.data_axis]
         if batch % n:
             raise ConfigError(
                 f"batch size {batch} does not split evenly over the {n} devices of mesh axis "
-                f"{self.data_axis!r}{' per process' if jax.process_count() > 1 else ''}: use a multiple of {n}"
+                f"{self.data_axis!r}: use a multiple of {n}"
             )
 
     def _set_model(self, model: Any) -> None:
