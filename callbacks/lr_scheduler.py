@@ -33,7 +33,7 @@ class LRScheduler(Callback):
     LearningRateScheduler does): step ``k`` of the run uses ``schedule(epoch of k)``, still
     computed inside the step from the step count, so it stays exact on a resume mid-epoch.
     That needs the number of steps per epoch, known for array data and for iterables with
-    a ``len()``.
+    a ``len()`` (the number of batches per epoch).
 
     Any injected numeric hyperparameter can be scheduled, not only the learning rate
     (Adam's ``b1``, a weight decay, ...), one LRScheduler per hyperparameter. The
@@ -99,9 +99,9 @@ class LRScheduler(Callback):
         if not per_epoch:
             raise ConfigError(
                 "LRScheduler(by='epoch') needs the number of steps per epoch, which this "
-                "fit does not know (the training data is an iterable without len()). Pass "
-                "steps_per_epoch to fit, give the iterable a __len__, or use by='step' with "
-                "a schedule over steps."
+                "fit does not know (the training data is an iterable without len()). Give the "
+                "iterable a __len__ (the number of batches it yields per epoch), or use "
+                "by='step' with a schedule over steps."
             )
         # Anchor the count at the start of the epoch under way (a resume may start
         # mid-epoch), so a later fit with another batch size still counts epochs right.
@@ -124,7 +124,7 @@ def _check_traceable(fn: Callable[[Any], Any], schedule: Callable[[Any], Any]) -
     except Exception as e:  # any tracing failure: the message says which and why
         raise ConfigError(
             f"LRScheduler: the schedule {schedule!r} cannot run inside the jitted step "
-            f"({type(e).__name__}: {e}). It receives the step count as a traced int32 "
+            f"({type(e).__name__}: {str(e).splitlines()[0]}). It receives the step count as a traced int32 "
             "array: use jnp.where / jnp.minimum instead of Python if/min on it."
         ) from e
     if getattr(out, "shape", None) != ():
