@@ -32,7 +32,8 @@ class EarlyStopping(MonitorCallback):
                                               "early_stopping"``
     ========================================  =============================================
 
-    With ``patience=0`` the first epoch that does not improve stops the run.
+    ``wait`` grows before the test, so ``patience=0`` and ``patience=1`` both stop at the
+    first epoch that does not improve (as in Keras 3); ``patience=2`` allows one.
 
     ``restore_best=True`` keeps a host copy of the best epoch's params and model state (the
     train step donates its buffers, so a device reference would be deleted by the next
@@ -53,8 +54,8 @@ class EarlyStopping(MonitorCallback):
         start_from_epoch: epochs of warm-up that are not monitored.
         restore_best: put the best epoch's weights back at the end of ``fit``.
         baseline: a value to beat; until it is beaten, ``wait`` keeps growing even when the
-            value improves, so a run that never reaches the baseline stops after
-            ``patience`` epochs.
+            value improves, so a run that has not reached the baseline after ``patience``
+            epochs stops at its first epoch without improvement.
 
     Example:
         >>> from jaxfit.callbacks import EarlyStopping
