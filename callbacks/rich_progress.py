@@ -111,6 +111,7 @@ class RichProgress(Callback):
 
     def on_epoch_start(self, trainer: Trainer) -> None:
         self._epoch_t0 = time.perf_counter()
+        self._epoch_step0 = trainer.step - trainer.batch_in_epoch
         self._train_end = None
         # After the first execution nothing compiles at an epoch start: the device is idle
         # (the previous epoch's metrics were fetched), so the clock can start now.
@@ -155,6 +156,7 @@ class RichProgress(Callback):
             line = fmt.epoch_line(trainer.epoch, self._epochs, shown, seconds, speed, self._batch)
             self.console.print(line, highlight=False, markup=False, soft_wrap=True)
             return
+        self._progress.update(self._task, completed=trainer.step - self._epoch_step0)
         header = self._columns is None
         if header:
             self._columns = ["epoch", *shown, "time", "steps/s"]
