@@ -121,11 +121,14 @@ def test_values_are_fetched_from_the_device_only_at_refresh(clock):
     assert fetched == [2, 3, 4, 5, 6, 7, 8]
 
 
-def test_pickles_after_a_fit_and_prints_again_after_unpickling():
-    console, out = plain_console()
+@pytest.mark.parametrize("make_console", [plain_console, live_console])
+def test_pickles_mid_fit_and_prints_again_after_unpickling(make_console):
+    console, out = make_console()
     progress = RichProgress(console=console)
-    fit(progress, epochs=1)
-    clone = cloudpickle.loads(cloudpickle.dumps(progress))
+    pickled = []
+    grab = LambdaCallback(order=300, on_epoch_end=lambda t, logs: pickled.append(cloudpickle.dumps(progress)))
+    fit(progress, epochs=1, extra=[grab])
+    clone = cloudpickle.loads(pickled[0])
     assert clone.console is None
     clone.console, out2 = plain_console()
     fit(clone, epochs=1)
