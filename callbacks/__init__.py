@@ -5,6 +5,9 @@ Each lives in its own module and uses only the public callback protocol
 entry-point group and are listed, with these, by :func:`available`.
 """
 
+if __name__ != "jaxfit.callbacks":  # the folder is a plugin directory, not a package of its own
+    raise ImportError("import the built-in callbacks as `jaxfit.callbacks`, not as a top-level `callbacks`")
+
 from jaxfit.history import History as History
 
 from ._monitor import MonitorCallback as MonitorCallback
