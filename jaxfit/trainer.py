@@ -19,7 +19,7 @@ from jaxfit.callback import Callback, CallbackList
 from jaxfit.data import Execution, make_source
 from jaxfit.errors import ConfigError, DataError, MonitorError, Preempted, ShapeError
 from jaxfit.history import History
-from jaxfit.hyperparams import HyperParams, HyperparamSlot, find_slots
+from jaxfit.hyperparams import HyperParams, HyperparamSlot, find_slots, place_like
 from jaxfit.losses import LOSSES
 from jaxfit.metrics import resolve_metric
 from jaxfit.models import ModelAdapter
@@ -176,7 +176,7 @@ class Trainer:
         current = self.state.params
         if jax.tree_util.tree_structure(value) != jax.tree_util.tree_structure(current):
             raise ShapeError("new params must have the same tree structure as trainer.params")
-        placed = jax.tree_util.tree_map(lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding), value, current)
+        placed = jax.tree_util.tree_map(lambda new, old: place_like(np.asarray(new, old.dtype), old), value, current)
         self._state = self.state.replace(params=placed)
 
     @property
@@ -186,7 +186,7 @@ class Trainer:
     @model_state.setter
     def model_state(self, value: Any) -> None:
         current = self.state.model_state
-        placed = jax.tree_util.tree_map(lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding), value, current)
+        placed = jax.tree_util.tree_map(lambda new, old: place_like(np.asarray(new, old.dtype), old), value, current)
         self._state = self.state.replace(model_state=placed)
 
     @property
