@@ -43,8 +43,10 @@ class Trainer:
         seed: seeds initialisation, the per-epoch shuffle and the dropout keys.
         steps_per_execution: fuse this many steps into one compiled ``lax.scan``; batch
             hooks then fire once per execution, as in Keras.
-        scan_unroll: ``unroll`` of that scan (``True`` unrolls fully, which XLA:CPU needs
-            for convolutions to stay fast).
+        scan_unroll: ``unroll`` of that scan: an int, ``True`` (fully unrolled) or
+            ``"auto"`` (the default), which unrolls fully on the CPU when the step has a
+            convolution (XLA:CPU runs convolutions in a rolled loop 25-50x slower) and keeps
+            the scan rolled otherwise; ``trainer.fit_config["scan_unroll"]`` says what was used.
         input_keys, target_keys: for dict data, which keys are model inputs and targets
             (default: targets are ``"label"``/``"labels"``/``"y"``/``"target(s)"``, inputs
             the rest).
@@ -77,7 +79,7 @@ class Trainer:
         seed: int = 0,
         *,
         steps_per_execution: int = 1,
-        scan_unroll: int | bool = 1,
+        scan_unroll: int | bool | str = "auto",
         input_keys: Sequence[str] | None = None,
         target_keys: Sequence[str] | None = None,
         handle_signals: bool = True,
@@ -95,6 +97,8 @@ class Trainer:
             raise ConfigError(f"seed must be an int, got {seed!r}")
         if isinstance(steps_per_execution, bool) or not isinstance(steps_per_execution, int) or steps_per_execution < 1:
             raise ConfigError(f"steps_per_execution must be an int >= 1, got {steps_per_execution!r}")
+        if scan_unroll != "auto" and (not isinstance(scan_unroll, int) or scan_unroll < 1):
+            raise ConfigError(f'scan_unroll must be "auto", True or an int >= 1, got {scan_unroll!r}')
         self.optimizer = optimizer
         self.loss = loss
         self.metrics = list(metrics)
@@ -296,7 +300,7 @@ class Trainer:
         fn = self._compiled.get(key)
         if fn is None:
             step = self._builder.train_step(self._hp_slots(), {n: f for n, (f, _) in self._schedules.items()})
-            body = step if k == 1 else StepBuilder.fused(step, self.scan_unroll)
+            body = step if k == 1 else StepBuilder.fused(step, self.scan_unroll, self._record_unroll)
 
             def counted(*args):
                 self.trace_counts["train"] += 1  # runs at trace time only
@@ -304,6 +308,10 @@ class Trainer:
 
             fn = self._compiled[key] = jit_train(counted)
         return fn
+
+    def _record_unroll(self, unroll: int | bool) -> None:
+        # Runs at trace time: tells users (and RichProgress) what "auto" chose.
+        self.fit_config["scan_unroll"] = unroll
 
     def _eval_fn(self) -> Callable:
         fn = self._compiled.get("eval")
