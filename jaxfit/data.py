@@ -136,17 +136,23 @@ class ArrayData:
         xs = _pad(jax.tree_util.tree_map(take, self.x), total)
         ys = None if self.y is None else _pad(jax.tree_util.tree_map(take, self.y), total)
         valid = [min(B, self.n - i * B) for i in range(steps)]
+        # Flattened once per epoch: slicing leaves in the loop costs far less per step than
+        # a tree_map, which matters when a step takes ~100 us (small models).
+        x_leaves, x_def = jax.tree_util.tree_flatten(xs)
+        y_leaves, y_def = jax.tree_util.tree_flatten(ys)
         i = start
         while i < steps:
             kk = k if i + k <= steps else 1
-            sl = slice(i * B, (i + kk) * B)
+            lo, hi = i * B, (i + kk) * B
             if kk == 1:
-                get = lambda a: a[sl]  # noqa: E731
+                bx = [a[lo:hi] for a in x_leaves]
+                by = [a[lo:hi] for a in y_leaves]
             else:
-                get = lambda a: a[sl].reshape(kk, B, *a.shape[1:])  # noqa: E731
+                bx = [a[lo:hi].reshape(kk, B, *a.shape[1:]) for a in x_leaves]
+                by = [a[lo:hi].reshape(kk, B, *a.shape[1:]) for a in y_leaves]
             yield Execution(
-                jax.tree_util.tree_map(get, xs),
-                None if ys is None else jax.tree_util.tree_map(get, ys),
+                x_def.unflatten(bx),
+                None if ys is None else y_def.unflatten(by),
                 tuple(valid[i : i + kk]),
                 B,
             )
