@@ -1,3 +1,4 @@
 """jaxfit's built-in callback plugins, imported as ``jaxfit.callbacks``."""
 
 from jaxfit.history import History as History
+from .model_checkpoint import ModelCheckpoint as ModelCheckpoint

@@ -26,3 +26,5 @@ from jaxfit.checkpoint._read import read_checkpoint as read_checkpoint
 from jaxfit.checkpoint._recipe import DataNotSaved as DataNotSaved
 from jaxfit.checkpoint._writer import RunWriter as RunWriter
 from jaxfit.checkpoint._writer import write_checkpoint as write_checkpoint
+from jaxfit.checkpoint._load import load_trainer as load_trainer
+from jaxfit.checkpoint._load import restore as restore

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from jaxfit.errors import JaxfitError
 
-class CheckpointError(Exception):
+
+class CheckpointError(JaxfitError):
     """Base class of every error about reading or writing a checkpoint."""
 
 

@@ -28,7 +28,11 @@ from typing import Any
 import cloudpickle
 import numpy as np
 
-from jaxfit.checkpoint._errors import CheckpointCorruptError, UntrustedRecipeError
+from jaxfit.checkpoint._errors import (
+    CheckpointCorruptError,
+    DataNotSavedError,
+    UntrustedRecipeError,
+)
 from jaxfit.checkpoint._io import replace_file
 
 DEFAULT_MAX_DATA_BYTES = 256 * 2**20
@@ -49,6 +53,13 @@ class DataNotSaved:
 
     def __repr__(self) -> str:
         return f"<{self.name} not saved with the run: {self.reason}>"
+
+    def __iter__(self):
+        # fit() looks at the data before any work: this is where a resumed run asks for it.
+        raise DataNotSavedError(
+            f"the run's {self.name} was not saved with its checkpoints ({self.reason}). "
+            f"Pass it again: trainer.fit({self.name}=...)"
+        )
 
 
 def _array_bytes(obj: Any) -> int | None:
