@@ -266,3 +266,19 @@ def test_moved_run_keeps_writing_where_it_was_loaded_from(tmp_path, data):
     run.rename(moved)
     Trainer.load(moved).fit(epochs=2)
     assert not run.exists() and len(_names(moved)) == 2
+
+
+def test_resumed_fit_keeps_the_runs_fit_arguments(tmp_path, data):
+    x, y = data
+    full = make_trainer()
+    full_history = full.fit(MLP(), (x, y), validation_data=(x, y), epochs=4, batch_size=16,
+                            shuffle=False, validation_freq=2)
+    run = tmp_path / "run"
+    make_trainer().fit(MLP(), (x, y), validation_data=(x, y), epochs=2, batch_size=16,
+                       shuffle=False, validation_freq=2, callbacks=[ModelCheckpoint(run)])
+    loaded = Trainer.load(run)
+    history = loaded.fit(epochs=4).history
+    assert history.keys() == full_history.history.keys()
+    for key, values in full_history.history.items():  # NaN for epochs without validation
+        assert np.asarray(history[key]).tobytes() == np.asarray(values).tobytes()
+    assert _same_tree(loaded.params, full.params)

@@ -28,3 +28,5 @@ from jaxfit.checkpoint._writer import RunWriter as RunWriter
 from jaxfit.checkpoint._writer import write_checkpoint as write_checkpoint
 from jaxfit.checkpoint._load import load_trainer as load_trainer
 from jaxfit.checkpoint._load import restore as restore
+from jaxfit.checkpoint._verify import ResumeReport as ResumeReport
+from jaxfit.checkpoint._verify import verify_resume as verify_resume

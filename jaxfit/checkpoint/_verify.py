@@ -143,6 +143,11 @@ def verify_resume(trainer: Trainer, model: Any, data: Any, *,
     if stop_at is None:
         stop_at = [max(1, total // 2)]
     stops = [int(stop_at)] if isinstance(stop_at, (int, np.integer)) else [int(s) for s in stop_at]
+    if not stops or not all(0 < s < total for s in stops):
+        raise ValueError(
+            f"stop_at must be between 1 and {total - 1} (the run has {total} steps), "
+            f"got stop_at = {stop_at!r}"
+        )
     mismatches: list[str] = []
     for step in stops:
         copy = cloudpickle.loads(blob)
