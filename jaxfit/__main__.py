@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -105,7 +106,8 @@ def info(run: str, verify: bool = True) -> int:
         epoch = "-" if i.manifest is None else (
             f"{i.epoch}" if not i.manifest["batch_in_epoch"]
             else f"{i.epoch} +{i.manifest['batch_in_epoch']} batches")
-        status = "[green]yes[/green]" if i.name in valid else f"[red]no[/red]: {i.problem or '?'}"
+        problem = (i.problem or "?").replace(f"{i.path}{os.sep}", "").replace(str(run_dir), ".")
+        status = "[green]yes[/green]" if i.name in valid else f"[red]no[/red]: {problem}"
         latest = "●" if newest is not None and i.name == newest.name else (
             "○" if i.name == pointer else "")
         table.add_row(i.name, "-" if i.step is None else str(i.step), epoch,

@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxfit.checkpoint._errors import (
     CheckpointCorruptError,
+    CheckpointError,
     DataNotSavedError,
     UntrustedRecipeError,
 )
@@ -216,7 +217,16 @@ def load_recipe(run_dir: Path, ref: dict, *, trusted: bool = False) -> dict:
         raise CheckpointCorruptError(f"{path} fails its sha256 check (modified or corrupted)")
     if not trusted:
         check_trusted(path)
-    recipe = cloudpickle.loads(payload)
+    try:
+        recipe = cloudpickle.loads(payload)
+    except Exception as err:  # unpickling can raise anything the pickled code raises
+        raise CheckpointError(
+            f"{path}: the recipe refers to code that cannot be loaded here "
+            f"({type(err).__name__}: {err}). Load the run where the modules that define its "
+            "model, loss and callbacks can be imported (functions and classes from importable "
+            "modules are stored by name), or build the trainer yourself and restore the state "
+            "with jaxfit.checkpoint.restore(trainer, path, model=...)"
+        ) from err
     if not isinstance(recipe, dict):
         raise CheckpointCorruptError(f"{path} does not hold a jaxfit recipe")
     return recipe
