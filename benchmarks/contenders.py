@@ -36,6 +36,7 @@ class Contender:
         skip: workloads it does not run by default, with the reason.
         prepare: called in the worker before anything starts JAX's backend.
         needs: modules it imports (a contender whose module is missing is left out).
+        default: part of a run that does not name its contenders.
     """
 
     name: str
@@ -45,6 +46,7 @@ class Contender:
     skip: dict[str, str] = dataclasses.field(default_factory=dict)
     prepare: Callable[[], None] = lambda: None
     needs: tuple[str, ...] = ()
+    default: bool = True
 
 
 def _hand(k: int = 1, unroll: bool = False):
@@ -90,6 +92,8 @@ def _mallopt() -> None:
 
 _JEMALLOC = find_jemalloc()
 _KERAS_ENV = {"KERAS_BACKEND": "jax"}
+_NO_JEMALLOC = "libjemalloc.so.2 not found (apt-get install libjemalloc2)"
+_W2_ONLY = "the allocator effect is W2's (--include-slow runs it here too)"
 _ROLLED_W2 = "a rolled scan over convolutions runs ~0.02-0.04x of A on XLA:CPU (jax#12868)"
 
 CONTENDERS: dict[str, Contender] = {
@@ -100,7 +104,8 @@ CONTENDERS: dict[str, Contender] = {
         Contender(
             "A-jemalloc", "A + jemalloc preload", _hand(),
             env={"LD_PRELOAD": _JEMALLOC or "", "MALLOC_CONF": JEMALLOC_CONF},
-            skip={} if _JEMALLOC else {w: "libjemalloc.so.2 not found" for w in "W1 W2 W3".split()},
+            skip={w: _NO_JEMALLOC if not _JEMALLOC else _W2_ONLY for w in ("W1", "W3")}
+            | ({"W2": _NO_JEMALLOC} if not _JEMALLOC else {}),
         ),
         Contender("B-rolled", "B hand scan K=16, rolled", _hand(16), skip={"W2": _ROLLED_W2}),
         Contender("B-unrolled", "B hand scan K=16, unrolled", _hand(16, unroll=True)),
@@ -111,11 +116,15 @@ CONTENDERS: dict[str, Contender] = {
         ),
         Contender(
             "C-spe16", "C Keras steps_per_execution=16", _keras(steps_per_execution=16),
-            env=_KERAS_ENV, needs=("keras",),
+            env=_KERAS_ENV, needs=("keras",), default=False,
         ),
         Contender(
             "jaxfit-callbacks", "jaxfit fit + everyday callbacks", _jaxfit(callbacks=True),
             prepare=_import_jaxfit,
+        ),
+        Contender(
+            "jaxfit-no-ckpt", "jaxfit fit + everyday callbacks but ModelCheckpoint",
+            _jaxfit(callbacks=True, checkpoint=False), prepare=_import_jaxfit,
         ),
         Contender(
             "jaxfit-spe", "jaxfit steps_per_execution=16", _jaxfit(steps_per_execution=16),

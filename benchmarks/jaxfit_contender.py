@@ -17,7 +17,9 @@ from benchmarks.workloads import Workload
 EVERYDAY = ("RichProgress", "ModelCheckpoint", "LRScheduler")
 
 
-def everyday_callbacks(w: Workload, epochs: int, workdir: str) -> tuple[list, list[str]]:
+def everyday_callbacks(
+    w: Workload, epochs: int, workdir: str, checkpoint: bool = True
+) -> tuple[list, list[str]]:
     """The everyday callbacks this checkout has, and the names of those it lacks."""
     import optax
 
@@ -26,6 +28,8 @@ def everyday_callbacks(w: Workload, epochs: int, workdir: str) -> tuple[list, li
     made, missing = [], []
     for name in EVERYDAY:
         cls = getattr(cbs, name, None)
+        if name == "ModelCheckpoint" and not checkpoint:
+            continue
         if cls is None:
             missing.append(name)
         elif name == "RichProgress":
@@ -40,7 +44,7 @@ def everyday_callbacks(w: Workload, epochs: int, workdir: str) -> tuple[list, li
 
 def run_jaxfit(
     w: Workload, epochs: int, clock: Clock, workdir: str, callbacks: bool = False,
-    steps_per_execution: int = 1,
+    steps_per_execution: int = 1, checkpoint: bool = True,
 ) -> dict:
     """Trains `w` with `jaxfit.Trainer.fit`, timing through a late-running callback."""
     from jaxfit import Callback, Trainer
@@ -60,7 +64,7 @@ def run_jaxfit(
             clock.epoch_end()
 
     clock.start()
-    extra, missing = everyday_callbacks(w, epochs, workdir) if callbacks else ([], [])
+    extra, missing = everyday_callbacks(w, epochs, workdir, checkpoint) if callbacks else ([], [])
     trainer = Trainer(
         optimizer=w.make_optimizer(inject=True), loss="softmax_cross_entropy", seed=0,
         steps_per_execution=steps_per_execution,
@@ -73,5 +77,5 @@ def run_jaxfit(
         "final_loss": history.history["loss"][-1],
         "missing_callbacks": missing,
         "allocator": allocator_status().reason,
-        "scan_unroll": getattr(trainer, "scan_unroll", None),
+        "scan_unroll": trainer.fit_config.get("scan_unroll"),
     }

@@ -30,10 +30,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Epochs per run, the first one (compile) being left out of the steady figures.
 EPOCHS = {
-    "full": {"W1": 1 + 120, "W2": 1 + 3, "W3": 1 + 12},
-    "quick": {"W1": 1 + 15, "W2": 1 + 1, "W3": 1 + 3},
+    "full": {"W1": 1 + 60, "W2": 1 + 2, "W3": 1 + 8},
+    "quick": {"W1": 1 + 10, "W2": 1 + 1, "W3": 1 + 2},
 }
-QUICK_CONTENDERS = ("A", "B-unrolled", "C", "C-callbacks", "jaxfit-callbacks", "jaxfit-spe")
+QUICK_CONTENDERS = ("A", "C-callbacks", "jaxfit-callbacks", "jaxfit-spe")
 
 
 def _run_one(name: str, workload: str, epochs: int, rep: int, timeout: float) -> dict:
@@ -66,7 +66,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--contenders", help="comma-separated names (default: all available)")
     p.add_argument("--epochs", type=int, help="override epochs per run (1 warm-up + measured)")
     p.add_argument("--include-slow", action="store_true",
-                   help="also run the pairs skipped by default (B-rolled on W2 takes minutes)")
+                   help="also run the pairs skipped by default (B-rolled on W2 takes minutes; "
+                        "A-jemalloc on W1 and W3)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"),
                    help="directory for results.json, table.md and ratios.png")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
@@ -86,7 +87,8 @@ def _select(args: argparse.Namespace) -> tuple[list[str], list[str], dict]:
         if bad:
             raise SystemExit(f"unknown contender(s) {bad}; choose from {list(CONTENDERS)}")
     else:
-        names = [c for c in CONTENDERS if not args.quick or c in QUICK_CONTENDERS]
+        names = [c for c, spec in CONTENDERS.items()
+                 if (c in QUICK_CONTENDERS if args.quick else spec.default)]
     if "A" not in names:
         names.insert(0, "A")  # every ratio is to A in the same repetition
     skipped = {}
