@@ -68,6 +68,7 @@ class RichProgress(Callback):
         self.live = live
         self.hyperparams = [hyperparams] if isinstance(hyperparams, str) else list(hyperparams)
         self._progress: Progress | None = None
+        self._fit_t0: float | None = None  # set while a fit is under way
 
     def __getstate__(self) -> dict[str, Any]:
         # rich objects hold locks and a refresh thread: they cannot be pickled (Trainer.load
@@ -169,9 +170,10 @@ class RichProgress(Callback):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        if self.console is None:  # on_fit_start never ran
+        if self._fit_t0 is None:  # an earlier callback's on_fit_start failed: nothing to sum up
             return
         wall = time.perf_counter() - self._fit_t0
+        self._fit_t0 = None
         mean = self._train_steps / self._train_s if self._train_s > 0 else None
         text = fmt.summary(trainer.epoch, trainer.step, wall, self._first_step, mean, self._batch,
                            logs.get("stop_reason"), self._last)

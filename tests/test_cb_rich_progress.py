@@ -12,8 +12,8 @@ from conftest import MLP, make_trainer
 from rich.console import Console
 
 import jaxfit.callbacks.rich_progress as rich_progress
-from jaxfit import ConfigError
-from jaxfit.callbacks import LambdaCallback, RichProgress
+from jaxfit import ConfigError, MonitorError
+from jaxfit.callbacks import EarlyStopping, LambdaCallback, RichProgress
 
 
 class FakeClock:
@@ -139,6 +139,13 @@ def test_live_can_be_forced_off_on_a_terminal():
     console, out = live_console()
     fit(RichProgress(console=console, live=False), epochs=1)
     assert out.getvalue().startswith("Epoch 1/1 - ")
+
+
+def test_a_failed_fit_start_elsewhere_is_reported_as_is():
+    console, out = live_console()
+    with pytest.raises(MonitorError, match="EarlyStopping monitors 'val_f1'"):
+        fit(RichProgress(console=console), extra=[EarlyStopping(monitor="val_f1", mode="max")])
+    assert "Trained" not in out.getvalue()
 
 
 @pytest.mark.parametrize(
