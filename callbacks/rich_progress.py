@@ -13,6 +13,7 @@ from jaxfit.callback import Callback
 from jaxfit.errors import ConfigError
 
 from . import _progress_format as fmt
+from ._checks import primary_process
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.trainer import Trainer
@@ -34,6 +35,8 @@ class RichProgress(Callback):
     later epochs start their clock at the epoch start, and validation is not counted as
     training time. The summary reports the first step's time, compilation included,
     separately.
+
+    In a multi-process run only process 0 prints.
 
     Args:
         refresh_per_second: live display refresh rate (values are fetched at this rate).
@@ -82,7 +85,10 @@ class RichProgress(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         if self.console is None:
             self.console = Console()
-        self._is_live = self.console.is_terminal if self.live is None else bool(self.live)
+        if primary_process():
+            self._is_live = self.console.is_terminal if self.live is None else bool(self.live)
+        else:  # the other processes of a multi-host run show nothing
+            self.console, self._is_live = Console(quiet=True), False
         self._hp = [n for n in self.hyperparams if n in trainer.hyperparams.names]
         config = trainer.fit_config
         self._epochs, self._batch = config.get("epochs"), config.get("batch_size")
