@@ -23,7 +23,8 @@ class RichProgress(Callback):
     """Shows training progress: a live bar on a terminal, one line per epoch elsewhere.
 
     On a terminal (``console.is_terminal``): ``Epoch k/N``, a step bar, steps/s and
-    samples/s, the epoch's ETA, and the epoch-so-far loss, metrics and learning rate,
+    samples/s, the ETA of the epoch and of the fit (training time, validation not
+    included), and the epoch-so-far loss, metrics and learning rate,
     refreshed ``refresh_per_second`` times a second; above it, a table row per epoch (train
     and validation metrics, hyperparameters, time, throughput) and a closing summary.
     Elsewhere (CI logs, a file, a pipe) it prints one plain line per epoch and the summary.
@@ -207,10 +208,13 @@ class RichProgress(Callback):
         now = time.perf_counter()  # after the sync: the device has caught up with the host
         t0, step0 = self._clock
         speed = (trainer.step - step0) / (now - t0) if now > t0 and trainer.step > step0 else None
-        eta = None
+        eta = "?"
         if speed and self._per_epoch:
-            eta = (self._per_epoch - trainer.batch_in_epoch) / speed
+            left = self._per_epoch - trainer.batch_in_epoch
+            eta = fmt.duration(left / speed)
+            if self._epochs and self._epochs > trainer.epoch:  # the fit's ETA, training time only
+                eta += f" (fit {fmt.duration((left + (self._epochs - trainer.epoch) * self._per_epoch) / speed)})"
         self._progress.update(
             self._task, completed=trainer.batch_in_epoch, speed=fmt.rates(speed, self._batch),
-            eta=fmt.duration(eta), values=fmt.values(shown),
+            eta=eta, values=fmt.values(shown),
         )
