@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class RichProgress(Callback):
     """Shows training progress: a live bar on a terminal, one line per epoch elsewhere.
 
-    On a terminal (``console.is_terminal``): ``Epoch k/N``, a step bar, steps/s and
+    On a terminal or in a notebook: ``Epoch k/N``, a step bar, steps/s and
     samples/s, the ETA of the epoch and of the fit (training time, validation not
     included), and the epoch-so-far loss, metrics and learning rate,
     refreshed ``refresh_per_second`` times a second; above it, a table row per epoch (train
@@ -43,7 +43,7 @@ class RichProgress(Callback):
         refresh_per_second: live display refresh rate (values are fetched at this rate).
         console: the ``rich.console.Console`` to print to (default: a new one on stdout).
         live: force the live display (True) or plain lines (False); by default, live when
-            the console is a terminal.
+            the console is a terminal or a Jupyter notebook.
         hyperparams: injected hyperparameters to show, when the optimizer has them.
 
     Example:
@@ -87,7 +87,8 @@ class RichProgress(Callback):
         if self.console is None:
             self.console = Console()
         if primary_process():
-            self._is_live = self.console.is_terminal if self.live is None else bool(self.live)
+            auto = self.console.is_terminal or self.console.is_jupyter
+            self._is_live = auto if self.live is None else bool(self.live)
         else:  # the other processes of a multi-host run show nothing
             self.console, self._is_live = Console(quiet=True), False
         self._hp = [n for n in self.hyperparams if n in trainer.hyperparams.names]
