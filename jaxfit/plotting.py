@@ -1,0 +1,234 @@
+"""PNG plots of training runs: loss, metric and learning-rate curves, train against validation.
+
+matplotlib is an optional dependency (``pip install 'jaxfit[plot]'``). Figures are drawn on the
+Agg canvas directly, never through ``pyplot``: plotting from a script, a notebook or a thread does
+not change the user's matplotlib backend or leave open figures behind.
+
+Example:
+    >>> from jaxfit.plotting import plot_history
+    >>> history = {"loss": [1.2, 0.8, 0.6], "val_loss": [1.3, 0.9, 0.8],
+    ...            "accuracy": [0.6, 0.7, 0.8], "val_accuracy": [0.55, 0.7, 0.75],
+    ...            "learning_rate": [0.1, 0.05, 0.01]}
+    >>> import tempfile, os
+    >>> path = plot_history(history, os.path.join(tempfile.mkdtemp(), "run.png"))
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["Panel", "plot_curves", "plot_history", "is_learning_rate_key"]
+
+_PANEL_SIZE = (5.0, 3.6)  # inches per panel: readable at 100 dpi, legends fit
+
+
+@dataclass
+class Panel:
+    """One set of axes: named curves sharing an x and a y axis.
+
+    Attributes:
+        title: shown above the axes.
+        xlabel, ylabel: the axis labels.
+        series: curve name -> (x values, y values). ``None`` or NaN y values leave gaps.
+        logy: log-scale the y axis (ignored when a value is not positive).
+
+    Example:
+        >>> panel = Panel("loss", "epoch", "loss", {"train": ([1, 2], [0.9, 0.5])})
+        >>> sorted(panel.series)
+        ['train']
+    """
+
+    title: str
+    xlabel: str
+    ylabel: str
+    series: dict[str, tuple[Sequence[float], Sequence[float | None]]] = field(default_factory=dict)
+    logy: bool = False
+
+
+def is_learning_rate_key(key: str) -> bool:
+    """Whether a history key holds a learning rate (``lr``, ``learning_rate``, ``1.learning_rate``,
+    ``lr_group0``...)."""
+    name = key.lower().rsplit(".", 1)[-1]
+    return name in ("lr", "learning_rate") or name.startswith(("lr_", "learning_rate_"))
+
+
+def plot_curves(
+    panels: Sequence[Panel],
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    ncols: int | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Draws ``panels`` in a grid and writes them to a PNG at ``path``, atomically.
+
+    Args:
+        panels: the axes to draw, row by row.
+        path: the PNG to write; its folder is created. An existing file is replaced only once
+            the new image is complete.
+        title: a title over the whole figure.
+        ncols: panels per row (default: up to 3).
+        dpi: dots per inch; each panel is 5 x 3.6 inches.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: no panels, or a series whose x and y lengths differ.
+        ImportError: matplotlib is not installed.
+    """
+    if not panels:
+        raise ValueError("nothing to plot: pass at least one Panel.")
+    for panel in panels:
+        for name, (xs, ys) in panel.series.items():
+            if len(xs) != len(ys):
+                raise ValueError(
+                    f"panel {panel.title!r}, series {name!r}: {len(xs)} x values but {len(ys)} "
+                    "y values; they must be the same length."
+                )
+    Figure, FigureCanvasAgg = _matplotlib()
+    ncols = ncols or min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(_PANEL_SIZE[0] * ncols, _PANEL_SIZE[1] * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels):
+        _draw(ax, panel)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return _save_atomically(fig, Path(path), dpi)
+
+
+def plot_history(
+    history: Any,
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Plots every curve of a run: loss, each metric, each hyperparameter, train against val.
+
+    A key ``k`` and its ``val_k`` share one panel; learning rates get a log axis when they span
+    more than a factor of 10. Values are per epoch, as in ``History.history``.
+
+    Args:
+        history: a ``jaxfit.History`` (or anything with a ``history`` dict) or a dict of
+            ``{key: [value per epoch]}``.
+        path: the PNG to write (see :func:`plot_curves`).
+        title: a title over the figure.
+        dpi: dots per inch.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: the history holds no numeric series.
+    """
+    logs = _as_dict(history)
+    panels = []
+    for key in _ordered_keys(logs):
+        series = {}
+        if key in logs:
+            series["train" if f"val_{key}" in logs else key] = _xy(logs[key])
+        if f"val_{key}" in logs:
+            series["val"] = _xy(logs[f"val_{key}"])
+        lr = is_learning_rate_key(key)
+        values = [y for _, ys in series.values() for y in ys if y is not None and y == y]
+        logy = lr and min(values, default=0) > 0 and max(values) > 10 * min(values)
+        panels.append(Panel(_label(key), "epoch", _label(key), series, logy=logy))
+    if not panels:
+        raise ValueError(
+            f"the history has no numeric series to plot (keys: {sorted(logs) or 'none'}); "
+            "plot it after fit has run at least one epoch."
+        )
+    return plot_curves(panels, path, title=title, dpi=dpi)
+
+
+def _as_dict(history: Any) -> dict[str, list[float | None]]:
+    logs = getattr(history, "history", history)
+    if not isinstance(logs, Mapping):
+        raise TypeError(
+            "plot_history expects a jaxfit History or a dict of {key: [value per epoch]}, "
+            f"got {type(history).__name__}."
+        )
+    out = {}
+    for key, values in logs.items():
+        try:
+            out[str(key)] = [None if v is None else float(v) for v in values]
+        except (TypeError, ValueError):
+            continue  # non-numeric entries (e.g. stop reasons) are not curves
+    return {k: v for k, v in out.items() if v}
+
+
+def _ordered_keys(logs: Mapping[str, Any]) -> list[str]:
+    """Base keys, loss first, then metrics, then learning rates / other hyperparameters."""
+    bases = []
+    for key in logs:
+        base = key[4:] if key.startswith("val_") else key
+        if base not in bases:
+            bases.append(base)
+
+    def rank(key: str) -> int:
+        return 0 if key == "loss" else 2 if is_learning_rate_key(key) else 1
+
+    return sorted(bases, key=rank)  # sort is stable: first-seen order within a rank
+
+
+def _label(key: str) -> str:
+    return "learning rate" if is_learning_rate_key(key) and "." not in key else key
+
+
+def _xy(values: Sequence[float | None]) -> tuple[list[int], list[float | None]]:
+    return list(range(1, len(values) + 1)), list(values)
+
+
+def _draw(ax: Any, panel: Panel) -> None:
+    many = len(panel.series) > 6
+    for name, (xs, ys) in panel.series.items():
+        ys = [math.nan if y is None else y for y in ys]
+        marker = "o" if len(xs) <= 30 and not many else None
+        ax.plot(xs, ys, label=name, marker=marker, markersize=3, linewidth=1.5)
+    finite = [y for _, ys in panel.series.values() for y in ys if y is not None and y == y]
+    if panel.logy and finite and min(finite) > 0:
+        ax.set_yscale("log")
+    if all(float(x).is_integer() for xs, _ in panel.series.values() for x in xs):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 1.5" ticks
+    ax.set_title(panel.title)
+    ax.set_xlabel(panel.xlabel)
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(True, alpha=0.3)
+    if len(panel.series) > 1:
+        ax.legend(fontsize="small" if many else "medium", ncols=2 if many else 1)
+
+
+def _save_atomically(fig: Any, path: Path, dpi: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _matplotlib() -> tuple[Any, Any]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(
+            "plotting needs matplotlib, an optional dependency: pip install 'jaxfit[plot]'"
+        ) from e
+    return Figure, FigureCanvasAgg

@@ -1,0 +1,126 @@
+"""plot_history / plot_curves: what is drawn, the image written, and the failure modes."""
+
+import os
+import sys
+import types
+
+import pytest
+
+from ex_support import png_size
+from jaxfit import plotting
+from jaxfit.plotting import Panel, is_learning_rate_key, plot_curves, plot_history
+
+HISTORY = {
+    "loss": [1.2, 0.8, 0.6],
+    "val_loss": [1.3, 0.9, 0.8],
+    "accuracy": [0.6, 0.7, 0.8],
+    "val_accuracy": [0.55, 0.7, 0.75],
+    "learning_rate": [0.1, 0.01, 0.001],
+}
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Replaces plot_curves to record the panels plot_history builds."""
+    calls = []
+    monkeypatch.setattr(plotting, "plot_curves", lambda panels, path, **kw: calls.append(panels))
+    return calls
+
+
+def test_plot_history_writes_a_png_of_three_panels(tmp_path):
+    path = plot_history(HISTORY, tmp_path / "run.png", title="run")
+    assert path == tmp_path / "run.png"
+    assert png_size(path) == (1500, 360)  # 3 panels of 5 x 3.6 inches at 100 dpi
+
+
+def test_four_panels_wrap_to_a_second_row(tmp_path):
+    history = dict(HISTORY, top5=[0.9, 0.95, 0.97])
+    assert png_size(plot_history(history, tmp_path / "a.png", dpi=50)) == (750, 360)
+
+
+def test_history_object_and_dict_give_the_same_panels(captured):
+    plot_history(HISTORY, "unused.png")
+    plot_history(types.SimpleNamespace(history=HISTORY), "unused.png")
+    assert [p.title for p in captured[0]] == [p.title for p in captured[1]]
+
+
+def test_train_and_val_share_a_panel_loss_first_lr_last(captured):
+    history = {"learning_rate": [0.1, 0.1], "val_accuracy": [0.5, 0.6], "accuracy": [0.4, 0.7],
+               "loss": [1.0, 0.5], "val_loss": [1.1, 0.6]}
+    plot_history(history, "unused.png")
+    panels = captured[0]
+    assert [p.title for p in panels] == ["loss", "accuracy", "learning rate"]
+    assert panels[1].series == {"train": ([1, 2], [0.4, 0.7]), "val": ([1, 2], [0.5, 0.6])}
+    assert panels[2].ylabel == "learning rate" and panels[0].xlabel == "epoch"
+
+
+def test_learning_rate_gets_a_log_axis_only_when_it_spans_a_decade(captured):
+    plot_history({"lr": [0.1, 0.001]}, "unused.png")
+    plot_history({"lr": [0.1, 0.05]}, "unused.png")
+    plot_history({"loss": [100.0, 0.1]}, "unused.png")
+    assert [panels[0].logy for panels in captured] == [True, False, False]
+
+
+def test_non_numeric_entries_are_skipped_and_none_leaves_a_gap(captured):
+    plot_history({"loss": [1.0, 0.5], "val_loss": [None, 0.4], "note": ["a", "b"]}, "x.png")
+    (panel,) = captured[0]
+    assert panel.series["val"] == ([1, 2], [None, 0.4])
+
+
+@pytest.mark.parametrize(
+    "key, expected",
+    [("lr", True), ("learning_rate", True), ("1.learning_rate", True), ("lr_group0", True),
+     ("val_loss", False), ("b1", False), ("clr_x", False)],
+)
+def test_is_learning_rate_key(key, expected):
+    assert is_learning_rate_key(key) is expected
+
+
+def test_empty_history_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"no numeric series to plot \(keys: none\)"):
+        plot_history({}, tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_wrong_type_is_a_clear_error(tmp_path):
+    with pytest.raises(TypeError, match="expects a jaxfit History or a dict.*got list"):
+        plot_history([1, 2], tmp_path / "a.png")
+
+
+def test_mismatched_series_lengths_are_rejected(tmp_path):
+    panel = Panel("p", "step", "lr", {"a": ([1, 2, 3], [0.1, 0.2])})
+    with pytest.raises(ValueError, match=r"series 'a': 3 x values but 2 y values"):
+        plot_curves([panel], tmp_path / "a.png")
+
+
+def test_no_panels_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="at least one Panel"):
+        plot_curves([], tmp_path / "a.png")
+
+
+def test_failed_save_keeps_the_previous_image(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    path = plot_history(HISTORY, tmp_path / "run.png")
+    before = path.read_bytes()
+
+    def broken_savefig(self, f, **kwargs):
+        f.write(b"half an image")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        plot_history({"loss": [3.0, 2.0]}, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["run.png"]  # no temporary file left behind
+
+
+def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"pip install 'jaxfit\[plot\]'"):
+        plot_history(HISTORY, tmp_path / "a.png")
+
+
+def test_creates_missing_parent_folders(tmp_path):
+    path = plot_history({"loss": [1.0]}, tmp_path / "a" / "b" / "run.png")
+    assert png_size(path) == (500, 360)
