@@ -1,0 +1,3 @@
+"""jaxfit's built-in callback plugins, imported as ``jaxfit.callbacks``."""
+
+from jaxfit.history import History as History

@@ -1,0 +1,56 @@
+"""jaxfit: a plugin-based, callback-driven trainer for JAX.
+
+``Trainer.fit`` runs jitted, donated train steps and dispatches to callback plugins
+(``jaxfit.callbacks``); ``Trainer.load(run).fit()`` resumes a run exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+from jaxfit._version import __version__ as __version__
+from jaxfit.callback import Callback as Callback
+from jaxfit.callback import CallbackList as CallbackList
+from jaxfit.errors import CallbackError as CallbackError
+from jaxfit.errors import ConfigError as ConfigError
+from jaxfit.errors import DataError as DataError
+from jaxfit.errors import HyperparamError as HyperparamError
+from jaxfit.errors import JaxfitError as JaxfitError
+from jaxfit.errors import MonitorError as MonitorError
+from jaxfit.errors import Preempted as Preempted
+from jaxfit.errors import ShapeError as ShapeError
+from jaxfit.history import History as History
+from jaxfit.hyperparams import HyperParams as HyperParams
+from jaxfit.steps import TrainState as TrainState
+from jaxfit.trainer import Trainer as Trainer
+
+
+class _CheckoutCallbacksFinder(importlib.abc.MetaPathFinder):
+    """Serve ``jaxfit.callbacks`` from the checkout's top-level ``callbacks/`` folder.
+
+    Installed wheels carry the plugins inside the package (pyproject maps the folder to
+    ``jaxfit.callbacks``); running from a source checkout (pytest, a script next to the
+    sources) they are one level up. Only that one name is mapped, so ``callbacks`` never
+    becomes a top-level package.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "jaxfit.callbacks":
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, os.path.join(self.folder, "__init__.py"), submodule_search_locations=[self.folder]
+        )
+
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_checkout_callbacks = os.path.join(os.path.dirname(_here), "callbacks")
+if not os.path.isdir(os.path.join(_here, "callbacks")) and os.path.isfile(
+    os.path.join(_checkout_callbacks, "__init__.py")
+):
+    sys.meta_path.insert(0, _CheckoutCallbacksFinder(_checkout_callbacks))

@@ -1,0 +1,143 @@
+"""The callback protocol: the ``Callback`` base class and its dispatcher.
+
+Hooks run on the host, around compiled work. Anything that belongs in the gradient path
+(clipping, accumulation, EMA, NaN guards) is an optax transformation, not a hook.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+from jaxfit.errors import CallbackError, ConfigError, JaxfitError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from jaxfit.trainer import Trainer
+
+HOOKS = (
+    "on_fit_start",
+    "on_epoch_start",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_validation_start",
+    "on_validation_end",
+    "on_epoch_end",
+    "on_fit_end",
+)
+
+
+class Callback:
+    """Base class of every callback. Override the hooks you need; the others cost nothing.
+
+    Hooks and what they receive:
+
+    * ``on_fit_start(trainer)`` — the state is initialised, nothing compiled yet. Check
+      your configuration here (``trainer.check_monitor``,
+      ``trainer.hyperparams.check_writable``) so a mistake fails in the first second.
+    * ``on_epoch_start(trainer)`` — ``trainer.epoch`` is the (1-based) epoch starting.
+    * ``on_train_batch_start(trainer)`` — before each execution of the train step
+      (``steps_per_execution`` steps at once).
+    * ``on_train_batch_end(trainer, logs)`` — ``logs = {"loss": <device scalar>}``, the
+      loss of the last step executed. It is a device array: reading it waits for the
+      device, so do that every N steps, not every step.
+    * ``on_validation_start(trainer)``; ``on_validation_end(trainer, logs)`` with
+      ``{"val_loss": float, "val_<metric>": float, ...}``.
+    * ``on_epoch_end(trainer, logs)`` — the epoch's train and validation loss and metrics
+      as floats. Keys a callback adds to ``logs`` are recorded by ``History``.
+    * ``on_fit_end(trainer, logs)`` — runs however ``fit`` ends, with
+      ``{"stop_reason": str | None, "exception": BaseException | None}``.
+
+    Callbacks run sorted by ``order`` (lower first, ties in the order given). A callback
+    with state implements ``state_dict``/``load_state_dict``; the state is saved in every
+    checkpoint under ``state_key``.
+
+    Example:
+        >>> from jaxfit import Callback
+        >>> class PrintLR(Callback):
+        ...     def on_epoch_end(self, trainer, logs):
+        ...         print(trainer.epoch, trainer.hyperparams["learning_rate"], logs["loss"])
+    """
+
+    order: int = 0
+
+    @property
+    def state_key(self) -> str:
+        """The name of this callback's entry in a checkpoint (unique within a run)."""
+        return type(self).__name__
+
+    def state_dict(self) -> dict[str, Any]:
+        """The callback's resumable state: numbers, strings, lists, str-keyed dicts, arrays."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_epoch_start(self, trainer: Trainer) -> None: ...
+    def on_train_batch_start(self, trainer: Trainer) -> None: ...
+    def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
+    def on_validation_start(self, trainer: Trainer) -> None: ...
+    def on_validation_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
+    def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
+
+
+def _overrides(callback: Callback, hook: str) -> bool:
+    return getattr(type(callback), hook, None) is not getattr(Callback, hook)
+
+
+class CallbackList:
+    """Callbacks in run order, with per-hook lists of those that override the hook.
+
+    ``callbacks.has("on_train_batch_end")`` lets the training loop skip building logs
+    when nobody listens.
+    """
+
+    def __init__(self, callbacks: Iterable[Callback]) -> None:
+        callbacks = list(callbacks)
+        for i, cb in enumerate(callbacks):
+            if not isinstance(cb, Callback):
+                raise ConfigError(
+                    f"callbacks[{i}] is a {type(cb).__name__}, not a jaxfit.Callback. "
+                    "Subclass jaxfit.Callback and override the hooks you need."
+                )
+        # sorted() is stable: ties keep the order the user gave.
+        self.callbacks: list[Callback] = sorted(callbacks, key=lambda cb: cb.order)
+        keys = [cb.state_key for cb in self.callbacks]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ConfigError(
+                f"two callbacks share the state_key {dupes}: their checkpointed states would "
+                "collide. Give each instance a distinct `state_key` (override the property)."
+            )
+        self._by_hook = {h: [cb for cb in self.callbacks if _overrides(cb, h)] for h in HOOKS}
+
+    def __iter__(self):
+        return iter(self.callbacks)
+
+    def __len__(self) -> int:
+        return len(self.callbacks)
+
+    def has(self, hook: str) -> bool:
+        return bool(self._by_hook[hook])
+
+    def find(self, cls: type) -> list[Callback]:
+        """The callbacks that are instances of ``cls``, in run order."""
+        return [cb for cb in self.callbacks if isinstance(cb, cls)]
+
+    def call(self, hook: str, *args: Any) -> None:
+        for cb in self._by_hook[hook]:
+            try:
+                getattr(cb, hook)(*args)
+            except (KeyboardInterrupt, SystemExit, JaxfitError):
+                # jaxfit's own errors already say what is wrong and who asked.
+                raise
+            except Exception as e:
+                raise CallbackError(cb, hook, e) from e
+
+    def state_dict(self) -> dict[str, Any]:
+        return {cb.state_key: cb.state_dict() for cb in self.callbacks}
+
+    def load_state_dict(self, states: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            if cb.state_key in states:
+                cb.load_state_dict(states[cb.state_key])
