@@ -22,9 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["Panel", "plot_curves", "plot_history", "is_learning_rate_key"]
+__all__ = ["Panel", "distinct_colors", "is_learning_rate_key", "plot_curves", "plot_history"]
 
 _PANEL_SIZE = (5.0, 3.6)  # inches per panel: readable at 100 dpi, legends fit
+# matplotlib's tab10, then six more that stay apart from it (tab20's extra colors are lighter
+# shades of the same hues, hard to tell apart in a legend).
+_COLORS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#000000", "#000080", "#800000", "#e6b800", "#00a087", "#ff69b4",
+)  # fmt: skip
 
 
 @dataclass
@@ -36,6 +43,13 @@ class Panel:
         xlabel, ylabel: the axis labels.
         series: curve name -> (x values, y values). ``None`` or NaN y values leave gaps.
         logy: log-scale the y axis (ignored when a value is not positive).
+        colors: curve name -> matplotlib color, to keep one color per run across panels.
+            Curves without one follow the default cycle (20 colors when there are more than 10).
+        linestyles: curve name -> matplotlib line style (``"--"``, ``":"``), so that curves
+            that coincide stay visible.
+        span: how many grid columns the panel takes (a wide panel starts a new row when
+            the current row has too few columns left).
+        legend: a matplotlib legend location, or ``"outside"`` for a legend right of the axes.
 
     Example:
         >>> panel = Panel("loss", "epoch", "loss", {"train": ([1, 2], [0.9, 0.5])})
@@ -48,6 +62,20 @@ class Panel:
     ylabel: str
     series: dict[str, tuple[Sequence[float], Sequence[float | None]]] = field(default_factory=dict)
     logy: bool = False
+    colors: dict[str, str] = field(default_factory=dict)
+    linestyles: dict[str, str] = field(default_factory=dict)
+    span: int = 1
+    legend: str = "best"
+
+
+def distinct_colors(n: int) -> list[str]:
+    """``n`` colors that are easy to tell apart (16 distinct ones, then they repeat).
+
+    Example:
+        >>> distinct_colors(2)
+        ['#1f77b4', '#ff7f0e']
+    """
+    return [_COLORS[i % len(_COLORS)] for i in range(n)]
 
 
 def is_learning_rate_key(key: str) -> bool:
@@ -63,6 +91,7 @@ def plot_curves(
     *,
     title: str | None = None,
     ncols: int | None = None,
+    panel_size: tuple[float, float] = _PANEL_SIZE,
     dpi: int = 100,
 ) -> Path:
     """Draws ``panels`` in a grid and writes them to a PNG at ``path``, atomically.
@@ -73,7 +102,8 @@ def plot_curves(
             the new image is complete.
         title: a title over the whole figure.
         ncols: panels per row (default: up to 3).
-        dpi: dots per inch; each panel is 5 x 3.6 inches.
+        panel_size: (width, height) of one panel in inches.
+        dpi: dots per inch.
 
     Returns:
         The path written.
@@ -92,15 +122,14 @@ def plot_curves(
                     "y values; they must be the same length."
                 )
     Figure, FigureCanvasAgg = _matplotlib()
-    ncols = ncols or min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(_PANEL_SIZE[0] * ncols, _PANEL_SIZE[1] * nrows), layout="constrained")
+    ncols = ncols or min(3, sum(p.span for p in panels))
+    cells = _place(panels, ncols)
+    nrows = cells[-1][0] + 1
+    fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, panel in zip(axes, panels):
-        _draw(ax, panel)
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
+    grid = fig.add_gridspec(nrows, ncols)
+    for panel, (row, col, span) in zip(panels, cells):
+        _draw(fig.add_subplot(grid[row, col : col + span]), panel)
     if title:
         fig.suptitle(title)
     return _save_atomically(fig, Path(path), dpi)
@@ -189,12 +218,28 @@ def _xy(values: Sequence[float | None]) -> tuple[list[int], list[float | None]]:
     return list(range(1, len(values) + 1)), list(values)
 
 
+def _place(panels: Sequence[Panel], ncols: int) -> list[tuple[int, int, int]]:
+    """(row, first column, columns) of each panel, filling rows left to right."""
+    cells, row, col = [], 0, 0
+    for panel in panels:
+        span = max(1, min(panel.span, ncols))
+        if col + span > ncols:
+            row, col = row + 1, 0
+        cells.append((row, col, span))
+        col += span
+    return cells
+
+
 def _draw(ax: Any, panel: Panel) -> None:
     many = len(panel.series) > 6
+    if len(panel.series) > 10:  # the default cycle has 10 colors: curves would share them
+        ax.set_prop_cycle(color=distinct_colors(len(panel.series)))
     for name, (xs, ys) in panel.series.items():
         ys = [math.nan if y is None else y for y in ys]
         marker = "o" if len(xs) <= 30 and not many else None
-        ax.plot(xs, ys, label=name, marker=marker, markersize=3, linewidth=1.5)
+        style = {"color": panel.colors[name]} if name in panel.colors else {}
+        style["linestyle"] = panel.linestyles.get(name, "-")
+        ax.plot(xs, ys, label=name, marker=marker, markersize=3, linewidth=1.5, **style)
     finite = [y for _, ys in panel.series.values() for y in ys if y is not None and y == y]
     if panel.logy and finite and min(finite) > 0:
         ax.set_yscale("log")
@@ -207,7 +252,11 @@ def _draw(ax: Any, panel: Panel) -> None:
     ax.set_ylabel(panel.ylabel)
     ax.grid(True, alpha=0.3)
     if len(panel.series) > 1:
-        ax.legend(fontsize="small" if many else "medium", ncols=2 if many else 1)
+        size = "small" if many else "medium"
+        if panel.legend == "outside":
+            ax.legend(fontsize=size, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        else:
+            ax.legend(fontsize=size, ncols=2 if many else 1, loc=panel.legend)
 
 
 def _save_atomically(fig: Any, path: Path, dpi: int) -> Path:
