@@ -66,7 +66,10 @@ class ModelAdapter:
     def apply(self, params: Any, model_state: Any, x: Any, *, train: bool, rng: jax.Array | None) -> tuple[Any, Any]:
         """(outputs, new model_state). Evaluation returns ``model_state`` unchanged."""
         if self.kind == "nnx":
-            model = nnx.merge(self._graphdef, params, model_state)
+            # Rebuild the Variables at the current trace level (inside grad): nnx refuses to
+            # mutate a Variable created at an outer level (the jit trace).
+            fresh = lambda tree: jax.tree_util.tree_map(lambda a: a, tree)  # noqa: E731
+            model = nnx.merge(self._graphdef, fresh(params), fresh(model_state))
             if self.takes_train:
                 out = model(x, train=train)
             else:
