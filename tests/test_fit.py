@@ -177,7 +177,7 @@ def test_stop_training_from_a_callback_stops_after_the_step(data):
     x, y = data
     trainer = make_trainer()
     trainer.fit(MLP(), (x, y), epochs=5, batch_size=16, callbacks=[StopAt()])
-    assert (trainer.step, trainer.epoch, trainer.batch_in_epoch) == (7, 1, 2)
+    assert (trainer.step, trainer.epoch, trainer.batch_in_epoch) == (7, 1, 2)  # 1 epoch completed
     assert trainer.stop_reason == "test"
     trainer.fit(callbacks=[])  # resumes mid-epoch 2 and finishes the run
     assert (trainer.step, trainer.epoch) == (25, 5)
