@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["Panel", "distinct_colors", "is_learning_rate_key", "plot_curves", "plot_history"]
+__all__ = [
+    "Panel", "distinct_colors", "is_learning_rate_key", "plot_command", "plot_curves", "plot_history",
+]  # fmt: skip
 
 _PANEL_SIZE = (5.0, 3.6)  # inches per panel: readable at 100 dpi, legends fit
 # matplotlib's tab10, then six more that stay apart from it (tab20's extra colors are lighter
@@ -178,6 +180,41 @@ def plot_history(
             "plot it after fit has run at least one epoch."
         )
     return plot_curves(panels, path, title=title, dpi=dpi)
+
+
+def plot_command(
+    run: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, dpi: int = 100
+) -> Path:
+    """Plots the history saved in a run's newest valid checkpoint (``python -m jaxfit plot``).
+
+    Only the checkpoint's msgpack state is read, never the pickled recipe: plotting a run
+    someone else wrote runs none of their code.
+
+    Args:
+        run: a run directory (its newest checkpoint that verifies) or one checkpoint directory.
+        out: the PNG to write; by default ``history.png`` in the run directory.
+        dpi: dots per inch.
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileNotFoundError: ``run`` does not exist.
+        jaxfit.checkpoint.CheckpointError: no valid checkpoint there.
+        ValueError: the checkpoint was taken before the first epoch ended (no history yet).
+    """
+    from jaxfit.checkpoint import read_checkpoint
+
+    ckpt_dir, manifest, state = read_checkpoint(run)
+    history = (state.get("history") or {}).get("history") or {}
+    if not history:
+        raise ValueError(
+            f"{ckpt_dir} holds no history yet: it was saved before the first epoch ended. "
+            "Plot a later checkpoint, or let the run finish an epoch."
+        )
+    path = Path(out) if out is not None else ckpt_dir.parent / "history.png"
+    title = f"{ckpt_dir.parent.name}: epoch {manifest.get('epoch')}, step {manifest.get('step')}"
+    return plot_history(history, path, title=title, dpi=dpi)
 
 
 def _as_dict(history: Any) -> dict[str, list[float | None]]:
