@@ -31,8 +31,8 @@ import flax.linen as nn
 import numpy as np
 import optax
 
-from jaxfit import Callback, Trainer
-from jaxfit.callbacks import LRScheduler, ModelCheckpoint
+from jaxfit import Callback, Preempted, Trainer
+from jaxfit.callbacks import LearningRateMonitor, LRScheduler, ModelCheckpoint
 from jaxfit.checkpoint import read_checkpoint
 from jaxfit.datasets import load_digits_images
 from jaxfit.plotting import plot_command
@@ -92,7 +92,7 @@ def train(s: dict, callbacks: list[Callback]) -> Trainer:
     data = s["data"]
     trainer.fit(CNN(), (data.x_train, data.y_train), validation_data=(data.x_val, data.y_val),
                 epochs=s["epochs"], batch_size=s["batch_size"],
-                callbacks=[LRScheduler(schedule), *callbacks])  # fmt: skip
+                callbacks=[LRScheduler(schedule), LearningRateMonitor(), *callbacks])  # fmt: skip
     return trainer
 
 
@@ -106,6 +106,10 @@ def child(run_dir: str, smoke: bool, signal_name: str) -> None:
     except KeyboardInterrupt:
         print("interrupted (KeyboardInterrupt); the checkpoint of the last step is on disk")
         sys.exit(130)  # the shell's status for a Ctrl-C
+    except Preempted:
+        print("preempted (jaxfit.Preempted, exit status 143); the checkpoint of the last step "
+              "is on disk")  # fmt: skip
+        raise
     print(f"finished without interruption at step {trainer.step}")
 
 
@@ -123,11 +127,6 @@ def flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
 def identical(a: dict, b: dict) -> bool:
     fa, fb = flat(a), flat(b)
     return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
-
-
-def describe(name: str, tree: dict) -> str:
-    leaves = flat(tree)
-    return f"{name}: {len(leaves)} arrays, {sum(v.size for v in leaves.values()):,} values"
 
 
 def main(argv=None) -> None:
@@ -159,11 +158,15 @@ def main(argv=None) -> None:
     saved = state["train_state"]
     print(f"{ckpt_dir.name}: step {manifest['step']}, epoch {manifest['epoch']} done, "
           f"batch {manifest.get('batch_in_epoch', state['batch_in_epoch'])} of the next")  # fmt: skip
-    print("  " + describe("params", saved["params"]))
-    print("  " + describe("opt_state", saved["opt_state"]) + " (Adam's mu and nu, count, "
-          "the injected learning rate)")  # fmt: skip
-    lr = [v for k, v in flat(saved["opt_state"]).items() if k.endswith("learning_rate")]
-    print(f"  learning rate in the optimizer state: {float(lr[0]):.3g}")
+    params, opt = flat(saved["params"]), flat(saved["opt_state"])
+    print(f"  params: {len(params)} arrays, {sum(v.size for v in params.values()):,} values "
+          f"({', '.join(sorted({k.split('/')[0] for k in params}))})")  # fmt: skip
+    moments = {m: sum(f"/{m}/" in k for k in opt) for m in ("mu", "nu")}
+    injected = ", ".join(f"{k.split('/')[-1]}={float(v):.3g}" for k, v in opt.items()
+                         if k.startswith("hyperparams/"))  # fmt: skip
+    print(f"  opt_state: {len(opt)} arrays: Adam's step count {int(opt['inner_state/0/count'])}, "
+          f"its moments mu and nu ({moments['mu']} + {moments['nu']} arrays shaped like the "
+          f"params), the injected {injected}")  # fmt: skip
 
     print("== 3. Trainer.load(run).fit() ==")
     trainer = Trainer.load(str(run_dir))

@@ -12,7 +12,7 @@ training, not recomputed from the schedule) and the validation-accuracy curves.
 Without the Fashion-MNIST files (and offline) it falls back to scikit-learn's digits and says so.
 
     python examples/schedules.py                  # the full study (Fashion-MNIST: ~2,350 steps/run)
-    python examples/schedules.py --smoke          # seconds: a slice of the data, 2 epochs
+    python examples/schedules.py --smoke          # 4 of the schedules, a slice of the data, 2 epochs
     python examples/schedules.py --only constant,sgdr --out lr.png
 """
 
@@ -36,6 +36,9 @@ from jaxfit.plotting import Panel, distinct_colors, plot_curves
 # The tutorial sums the per-example loss over a batch of 256 and steps with SGD at 1e-4. jaxfit
 # averages the loss over the batch, so the same step size is 1e-4 * 256.
 TUTORIAL_LR = 1e-4 * 256
+# Every schedule compiles its own train step (the schedule runs inside it), so a smoke run
+# trains a few that between them cover warmup, decay, joins and restarts.
+SMOKE = ["constant", "cosine_onecycle", "join_schedules", "sgdr"]
 
 
 class CNN(nn.Module):
@@ -147,17 +150,19 @@ def plot_study(results: list[dict], path: Path) -> Path:
     accuracy = {r["name"]: (list(range(1, len(r["val_accuracy"]) + 1)), r["val_accuracy"])
                 for r in results}  # fmt: skip
     # The accuracy panel takes a whole row, its legend beside it: 14 curves need the room.
+    ncols = min(7, len(results))
     panels.append(Panel("validation accuracy of every schedule", "epoch", "accuracy", accuracy,
-                        colors=colors, span=7, legend="outside"))  # fmt: skip
+                        colors=colors, span=ncols, legend="outside"))  # fmt: skip
     return plot_curves(
         panels, path, title="learning rate as applied at each step (read back from the trainer)",
-        ncols=7, panel_size=(3.0, 2.6),
+        ncols=ncols, panel_size=(3.0, 2.6),
     )  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="a slice of the data, 2 epochs")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"{len(SMOKE)} of the schedules, a slice of the data, 2 epochs")  # fmt: skip
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=TUTORIAL_LR, help="base learning rate")
@@ -180,13 +185,15 @@ def main(argv=None) -> list[dict]:
         console.print(f"[yellow]note:[/] {data.fallback_reason}")
     if args.smoke:
         data = data.subset(512, 256)
-    console.print(f"data: {data.describe()}")
+    console.print(f"data: {data.describe(with_reason=False)}")
     steps_per_epoch = -(-len(data.x_train) // args.batch_size)
     schedules = make_schedules(args.lr, steps_per_epoch, args.epochs)
-    names = args.only.split(",") if args.only else list(schedules)
+    names = args.only.split(",") if args.only else SMOKE if args.smoke else list(schedules)
     unknown = sorted(set(names) - set(schedules))
     if unknown:
         raise SystemExit(f"unknown schedule(s) {unknown}; choose from: {', '.join(schedules)}")
+    if args.smoke and not args.only:
+        console.print(f"smoke run: {len(names)} of the {len(schedules)} schedules")
     args.lr_every = max(1, steps_per_epoch * args.epochs // 200)  # ~200 points per curve
     results = []
     for i, name in enumerate(names, 1):

@@ -126,11 +126,13 @@ class ImageDataset:
             self.x_val[:n_val], self.y_val[:n_val], self.classes, self.fallback_reason,
         )  # fmt: skip
 
-    def describe(self) -> str:
+    def describe(self, with_reason: bool = True) -> str:
         """One line for logs: name, shapes, and the fallback reason when there is one."""
         shape = "x".join(str(d) for d in self.x_train.shape[1:])
         text = f"{self.name}: {len(self.x_train)} train / {len(self.x_val)} val images {shape}"
-        return text if self.fallback_reason is None else f"{text} ({self.fallback_reason})"
+        if self.fallback_reason is None or not with_reason:
+            return text
+        return f"{text} ({self.fallback_reason})"
 
 
 def default_cache_dir() -> Path:

@@ -8,7 +8,7 @@ import pytest
 
 from ex_support import png_size
 from jaxfit import plotting
-from jaxfit.plotting import Panel, is_learning_rate_key, plot_curves, plot_history
+from jaxfit.plotting import Panel, is_learning_rate_key, plot_command, plot_curves, plot_history
 
 HISTORY = {
     "loss": [1.2, 0.8, 0.6],
@@ -124,3 +124,42 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
 def test_creates_missing_parent_folders(tmp_path):
     path = plot_history({"loss": [1.0]}, tmp_path / "a" / "b" / "run.png")
     assert png_size(path) == (500, 360)
+
+
+def checkpointed_run(tmp_path, data, **checkpoint_args):
+    import optax
+
+    from conftest import MLP
+    from jaxfit import Trainer
+    from jaxfit.callbacks import ModelCheckpoint
+
+    trainer = Trainer(optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+                      metrics=["accuracy"], seed=0)  # fmt: skip
+    trainer.fit(MLP(), data, validation_data=data, epochs=2, batch_size=16,
+                callbacks=[ModelCheckpoint(tmp_path / "run", **checkpoint_args)])  # fmt: skip
+    return tmp_path / "run"
+
+
+def test_plot_command_plots_the_newest_checkpoint_of_a_run(tmp_path, data):
+    run = checkpointed_run(tmp_path, data)
+    path = plot_command(run)
+    assert path == run / "history.png"
+    assert png_size(path) == (1000, 360)  # loss and accuracy, train against val
+
+
+def test_plot_command_writes_where_asked_from_one_checkpoint(tmp_path, data):
+    run = checkpointed_run(tmp_path, data)
+    first = sorted(p for p in run.iterdir() if p.is_dir())[0]
+    assert png_size(plot_command(first, tmp_path / "out" / "first.png")) == (1000, 360)
+
+
+def test_plot_command_before_the_first_epoch_ends_is_a_clear_error(tmp_path, data):
+    run = checkpointed_run(tmp_path, data, every_n_epochs=None, every_n_steps=1, keep_last=None)
+    first = sorted(p for p in run.iterdir() if p.is_dir())[0]
+    with pytest.raises(ValueError, match="holds no history yet: it was saved before the first"):
+        plot_command(first)
+
+
+def test_plot_command_on_a_missing_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint or run directory"):
+        plot_command(tmp_path / "nope")
