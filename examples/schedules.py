@@ -149,10 +149,10 @@ def plot_study(results: list[dict], path: Path) -> Path:
     ]
     accuracy = {r["name"]: (list(range(1, len(r["val_accuracy"]) + 1)), r["val_accuracy"])
                 for r in results}  # fmt: skip
-    # The accuracy panel takes a whole row, its legend beside it: 14 curves need the room.
+    # The accuracy panel takes two whole rows, its legend beside it: 14 curves need the room.
     ncols = min(7, len(results))
     panels.append(Panel("validation accuracy of every schedule", "epoch", "accuracy", accuracy,
-                        colors=colors, span=ncols, legend="outside"))  # fmt: skip
+                        colors=colors, span=ncols, rows=2, legend="outside"))  # fmt: skip
     return plot_curves(
         panels, path, title="learning rate as applied at each step (read back from the trainer)",
         ncols=ncols, panel_size=(3.0, 2.6),

@@ -51,6 +51,7 @@ class Panel:
             that coincide stay visible.
         span: how many grid columns the panel takes (a wide panel starts a new row when
             the current row has too few columns left).
+        rows: how many grid rows the panel takes (a tall panel for many curves).
         legend: a matplotlib legend location, or ``"outside"`` for a legend right of the axes.
 
     Example:
@@ -67,6 +68,7 @@ class Panel:
     colors: dict[str, str] = field(default_factory=dict)
     linestyles: dict[str, str] = field(default_factory=dict)
     span: int = 1
+    rows: int = 1
     legend: str = "best"
 
 
@@ -126,12 +128,12 @@ def plot_curves(
     Figure, FigureCanvasAgg = _matplotlib()
     ncols = ncols or min(3, sum(p.span for p in panels))
     cells = _place(panels, ncols)
-    nrows = cells[-1][0] + 1
+    nrows = max(row + rows for row, _, _, rows in cells)
     fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(nrows, ncols)
-    for panel, (row, col, span) in zip(panels, cells):
-        _draw(fig.add_subplot(grid[row, col : col + span]), panel)
+    for panel, (row, col, span, rows) in zip(panels, cells):
+        _draw(fig.add_subplot(grid[row : row + rows, col : col + span]), panel)
     if title:
         fig.suptitle(title)
     return _save_atomically(fig, Path(path), dpi)
@@ -255,14 +257,23 @@ def _xy(values: Sequence[float | None]) -> tuple[list[int], list[float | None]]:
     return list(range(1, len(values) + 1)), list(values)
 
 
-def _place(panels: Sequence[Panel], ncols: int) -> list[tuple[int, int, int]]:
-    """(row, first column, columns) of each panel, filling rows left to right."""
+def _place(panels: Sequence[Panel], ncols: int) -> list[tuple[int, int, int, int]]:
+    """(row, column, columns, rows) of each panel: row by row, left to right, into the first
+    cells that are free (a panel taller than one row keeps its cells below it taken)."""
+    taken: set[tuple[int, int]] = set()
     cells, row, col = [], 0, 0
     for panel in panels:
-        span = max(1, min(panel.span, ncols))
-        if col + span > ncols:
-            row, col = row + 1, 0
-        cells.append((row, col, span))
+        span, rows = max(1, min(panel.span, ncols)), max(1, panel.rows)
+        while True:
+            if col + span > ncols:
+                row, col = row + 1, 0
+                continue
+            block = {(r, c) for r in range(row, row + rows) for c in range(col, col + span)}
+            if not block & taken:
+                break
+            col += 1
+        taken |= block
+        cells.append((row, col, span, rows))
         col += span
     return cells
 
@@ -283,15 +294,17 @@ def _draw(ax: Any, panel: Panel) -> None:
     if all(float(x).is_integer() for xs, _ in panel.series.values() for x in xs):
         from matplotlib.ticker import MaxNLocator
 
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 1.5" ticks
-    ax.set_title(panel.title)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))  # no "epoch 1.5"
+    # Long titles (schedule names) in narrow panels would run into their neighbours.
+    ax.set_title(panel.title, fontsize="large" if len(panel.title) <= 20 else "medium")
     ax.set_xlabel(panel.xlabel)
     ax.set_ylabel(panel.ylabel)
     ax.grid(True, alpha=0.3)
     if len(panel.series) > 1:
         size = "small" if many else "medium"
         if panel.legend == "outside":
-            ax.legend(fontsize=size, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            ax.legend(fontsize=size, loc="center left", bbox_to_anchor=(1.01, 0.5),
+                      ncols=2 if len(panel.series) > 10 else 1)  # fmt: skip
         else:
             ax.legend(fontsize=size, ncols=2 if many else 1, loc=panel.legend)
 

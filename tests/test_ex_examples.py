@@ -26,8 +26,9 @@ def test_schedules_smoke_prints_a_row_per_schedule_and_writes_the_figure(tmp_pat
         assert row, f"no table row for {name}:\n{out}"
         assert 0.0 <= float(row.group(1)) <= 1.0
     assert "linear_onecycle" not in out
-    # 4 learning-rate panels in a row, then the accuracy row: 4 x 3.0 by 2 x 2.6 inches.
-    assert png_size(tmp_path / "study.png") == (1200, 520)
+    # 4 learning-rate panels in a row, then the accuracy panel two rows tall: 4 x 3.0 by
+    # 3 x 2.6 inches.
+    assert png_size(tmp_path / "study.png") == (1200, 780)
 
 
 @pytest.fixture

@@ -163,3 +163,20 @@ def test_plot_command_before_the_first_epoch_ends_is_a_clear_error(tmp_path, dat
 def test_plot_command_on_a_missing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint or run directory"):
         plot_command(tmp_path / "nope")
+
+
+def test_wide_and_tall_panels_take_their_cells(tmp_path):
+    line = {"a": ([1, 2], [1.0, 2.0])}
+    panels = [Panel("p", "x", "y", line) for _ in range(3)]
+    panels.append(Panel("wide", "x", "y", dict(line, b=([1, 2], [2.0, 1.0])), span=3, rows=2,
+                        legend="outside"))  # fmt: skip
+    assert plotting._place(panels, 3) == [(0, 0, 1, 1), (0, 1, 1, 1), (0, 2, 1, 1), (1, 0, 3, 2)]
+    path = plot_curves(panels, tmp_path / "grid.png", ncols=3, panel_size=(2.0, 1.5))
+    assert png_size(path) == (600, 450)  # 3 columns x 3 rows of 2 x 1.5 inches
+
+
+def test_a_panel_too_wide_for_the_row_starts_the_next_one():
+    line = {"a": ([1], [1.0])}
+    panels = [Panel("p", "x", "y", line), Panel("w", "x", "y", line, span=2),
+              Panel("q", "x", "y", line)]  # fmt: skip
+    assert plotting._place(panels, 2) == [(0, 0, 1, 1), (1, 0, 2, 1), (2, 0, 1, 1)]
