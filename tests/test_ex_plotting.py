@@ -180,3 +180,18 @@ def test_a_panel_too_wide_for_the_row_starts_the_next_one():
     panels = [Panel("p", "x", "y", line), Panel("w", "x", "y", line, span=2),
               Panel("q", "x", "y", line)]  # fmt: skip
     assert plotting._place(panels, 2) == [(0, 0, 1, 1), (1, 0, 2, 1), (2, 0, 1, 1)]
+
+
+def test_history_plot_of_a_real_fit_draws_loss_metric_and_learning_rate(tmp_path, data):
+    import optax
+
+    from conftest import MLP
+    from jaxfit import Trainer
+    from jaxfit.callbacks import LearningRateMonitor, LRScheduler
+
+    trainer = Trainer(optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+                      metrics=["accuracy"], seed=0)  # fmt: skip
+    history = trainer.fit(MLP(), data, validation_data=data, epochs=3, batch_size=16,
+                          callbacks=[LRScheduler(optax.exponential_decay(0.1, 5, 0.1)),
+                                     LearningRateMonitor()])  # fmt: skip
+    assert png_size(history.plot(tmp_path / "h.png")) == (1500, 360)
