@@ -98,12 +98,13 @@ def scheduled_b1(data, args) -> tuple[HyperparamTrace, HyperparamTrace]:
     # boundaries_and_scales={100: 1.0}) and call it "linear from 0.1 to 1.0"; but the scale
     # multiplies the value, so that schedule stays at 0.1 (and b1 = 1.0 would stall Adam).
     # Scale by 9 to get the ramp the docs mean, ending at Adam's usual 0.9.
-    b1 = optax.piecewise_interpolate_schedule("linear", init_value=0.1, boundaries_and_scales={n: 9.0})
+    b1 = optax.piecewise_interpolate_schedule("linear", 0.1, boundaries_and_scales={n: 9.0})
     fit_args = dict(validation_data=(data.x_val, data.y_val), epochs=args.epochs,
                     batch_size=args.batch_size)  # fmt: skip
 
     # (a) As in the optax docs: the schedule goes into inject_hyperparams and optax runs it.
-    optax_way = new_trainer(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3, b1=b1, b2=0.99))
+    adam = optax.inject_hyperparams(optax.adam)
+    optax_way = new_trainer(adam(learning_rate=1e-3, b1=b1, b2=0.99))
     trace_a = HyperparamTrace("b1")
     optax_way.fit(MLP(), (data.x_train, data.y_train), callbacks=[trace_a], **fit_args)
     try:
@@ -112,7 +113,7 @@ def scheduled_b1(data, args) -> tuple[HyperparamTrace, HyperparamTrace]:
         print(f"writing a scheduled b1 is refused: {str(e).split(':')[0]}")
 
     # (b) The jaxfit way: b1 injected as a number, driven by LRScheduler (writable later on).
-    jaxfit_way = new_trainer(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3, b1=0.1, b2=0.99))
+    jaxfit_way = new_trainer(adam(learning_rate=1e-3, b1=0.1, b2=0.99))
     trace_b = HyperparamTrace("b1")
     jaxfit_way.fit(MLP(), (data.x_train, data.y_train),
                    callbacks=[LRScheduler(b1, hyperparam="b1"), trace_b], **fit_args)  # fmt: skip
@@ -140,10 +141,12 @@ def plateau_on_schedule(data, args):
                 callbacks=[LRScheduler(schedule), plateau, trace, scales])  # fmt: skip
     # Step s (1-based) is the schedule's count s - 1, times the multiplier of its epoch.
     epoch_of = (np.asarray(trace.steps) - 1) // args.steps_per_epoch
-    expected = np.asarray([schedule(s - 1) for s in trace.steps]) * np.asarray(scales.scales)[epoch_of]
+    scale = np.asarray(scales.scales)[epoch_of]
+    expected = np.asarray([schedule(s - 1) for s in trace.steps]) * scale
     err = float(np.max(np.abs(np.asarray(trace.values) - expected) / np.maximum(expected, 1e-12)))
-    print(f"{plateau.reductions} reduction(s), multiplier now {trainer.hyperparams.scale('learning_rate'):.3g}; "
-          f"every step used schedule(step) x multiplier (max relative error {err:.1e})")  # fmt: skip
+    now = trainer.hyperparams.scale("learning_rate")
+    print(f"{plateau.reductions} reduction(s), multiplier now {now:.3g}; every step used "
+          f"schedule(step) x multiplier (max relative error {err:.1e})")  # fmt: skip
     print(f"train step traced {trainer.trace_counts['train']} time(s): no recompilation")
     return trace, schedule
 
@@ -164,6 +167,7 @@ def main(argv=None) -> None:
     manual = by_hand(data, args)
     b1_optax, b1_jaxfit = scheduled_b1(data, args)
     composed, schedule = plateau_on_schedule(data, args)
+    schedule_alone = [float(schedule(s - 1)) for s in composed.steps]
     path = plot_curves(
         [
             Panel("1. changed by hand", "optimizer step", "learning rate",
@@ -173,7 +177,7 @@ def main(argv=None) -> None:
                    "jaxfit LRScheduler": (b1_jaxfit.steps, b1_jaxfit.values)},
                   linestyles={"jaxfit LRScheduler": "--"}),
             Panel("3. warmup-cosine x plateau", "optimizer step", "learning rate",
-                  {"schedule alone": (composed.steps, [float(schedule(s - 1)) for s in composed.steps]),
+                  {"schedule alone": (composed.steps, schedule_alone),
                    "used": (composed.steps, composed.values)},
                   colors={"schedule alone": "#7f7f7f"}, linestyles={"schedule alone": "--"}),
         ],

@@ -81,8 +81,9 @@ def main(argv=None) -> dict[str, float]:
         print(f"epoch {epoch:2d}  val_loss {loss:.4f}  val_accuracy {acc:.4f}  lr {lr:.2e}")
 
     # What the train step carried besides the params: BatchNorm statistics and the RNG stream.
-    kinds = sorted({type(v).__name__ for v in jax.tree_util.tree_leaves(
-        nnx.state(model, nnx.Not(nnx.Param)), is_leaf=lambda v: isinstance(v, nnx.Variable))})  # fmt: skip
+    others = nnx.state(model, nnx.Not(nnx.Param))
+    leaves = jax.tree_util.tree_leaves(others, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    kinds = sorted({type(v).__name__ for v in leaves})
     print(f"model state trained alongside the params: {', '.join(kinds)}")
 
     # Training donated the module's original arrays; put the trained state back into it.

@@ -157,7 +157,7 @@ def main(argv=None) -> None:
     ckpt_dir, manifest, state = read_checkpoint(run_dir)
     saved = state["train_state"]
     print(f"{ckpt_dir.name}: step {manifest['step']}, epoch {manifest['epoch']} done, "
-          f"batch {manifest.get('batch_in_epoch', state['batch_in_epoch'])} of the next")  # fmt: skip
+          f"batch {state['batch_in_epoch']} of the next")  # fmt: skip
     params, opt = flat(saved["params"]), flat(saved["opt_state"])
     print(f"  params: {len(params)} arrays, {sum(v.size for v in params.values()):,} values "
           f"({', '.join(sorted({k.split('/')[0] for k in params}))})")  # fmt: skip
@@ -181,12 +181,14 @@ def main(argv=None) -> None:
 
     print("== 4. the same run without a break ==")
     reference = train(settings(args.smoke), [])
-    same_params = identical(trainer.state_dict()["train_state"], reference.state_dict()["train_state"])
+    same_state = identical(
+        trainer.state_dict()["train_state"], reference.state_dict()["train_state"]
+    )
     ours, theirs = history.history, reference.history.history
     same_history = ours.keys() == theirs.keys() and all(
         np.array_equal(ours[k], theirs[k], equal_nan=True) for k in ours
     )
-    print(f"resumed == uninterrupted: train state identical {same_params}, history identical "
+    print(f"resumed == uninterrupted: train state identical {same_state}, history identical "
           f"{same_history}")  # fmt: skip
     print(f"wrote {plot_command(run_dir, args.out)}")
 

@@ -17,7 +17,7 @@ run is 60 steps (1,438 images at batch 256, 10 epochs) instead of 2,350: schedul
 early fall behind, and the accuracies are not the tutorial's 0.867-0.891 on Fashion-MNIST.
 
     python examples/schedules.py                  # the full study (Fashion-MNIST: ~2,350 steps/run)
-    python examples/schedules.py --smoke          # 4 of the schedules, a slice of the data, 2 epochs
+    python examples/schedules.py --smoke          # 4 schedules, a slice of the data, 2 epochs
     python examples/schedules.py --only constant,sgdr --out lr.png
 """
 
@@ -166,8 +166,8 @@ def plot_study(results: list[dict], path: Path) -> Path:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true",
-                   help=f"{len(SMOKE)} of the schedules, a slice of the data, 2 epochs")  # fmt: skip
+    smoke_help = f"{len(SMOKE)} of the schedules, a slice of the data, 2 epochs"
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=TUTORIAL_LR, help="base learning rate")

@@ -23,8 +23,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 __all__ = [
-    "Panel", "distinct_colors", "is_learning_rate_key", "plot_command", "plot_curves", "plot_history",
-]  # fmt: skip
+    "Panel",
+    "distinct_colors",
+    "is_learning_rate_key",
+    "plot_command",
+    "plot_curves",
+    "plot_history",
+]
 
 _PANEL_SIZE = (5.0, 3.6)  # inches per panel: readable at 100 dpi, legends fit
 # matplotlib's tab10, then six more that stay apart from it (tab20's extra colors are lighter
