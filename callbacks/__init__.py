@@ -18,11 +18,9 @@ from .early_stopping import EarlyStopping as EarlyStopping
 from .lambda_callback import LambdaCallback as LambdaCallback
 from .lr_monitor import LearningRateMonitor as LearningRateMonitor
 from .lr_scheduler import LRScheduler as LRScheduler
+from .model_checkpoint import ModelCheckpoint as ModelCheckpoint
 from .reduce_on_plateau import ReduceOnPlateau as ReduceOnPlateau
 from .rich_progress import RichProgress as RichProgress
 from .tensorboard import TensorBoard as TensorBoard
 from .terminate_on_nan import TerminateOnNaN as TerminateOnNaN
 from .timer import Timer as Timer
-
-# ModelCheckpoint (callbacks/model_checkpoint.py) is re-exported here once it lands:
-# from .model_checkpoint import ModelCheckpoint as ModelCheckpoint

@@ -338,9 +338,9 @@ class Trainer:
         epochs: int | None = None,
         batch_size: int | None = None,
         callbacks: Iterable[Callback] | None = None,
-        shuffle: bool = True,
+        shuffle: bool | None = None,
         validation_batch_size: int | None = None,
-        validation_freq: int = 1,
+        validation_freq: int | None = None,
     ) -> History:
         """Train until ``epochs`` epochs are complete (a total, not a count of new ones).
 
@@ -362,10 +362,14 @@ class Trainer:
             raise ConfigError("fit() needs a model the first time: trainer.fit(model, data, ...)")
         args = self._fit_args
         given = dict(data=data, validation_data=validation_data, epochs=epochs, batch_size=batch_size,
-                     validation_batch_size=validation_batch_size)
+                     validation_batch_size=validation_batch_size, shuffle=shuffle,
+                     validation_freq=validation_freq)
         args.update({k: v for k, v in given.items() if v is not None})
+        # Defaults only for a new run: a resumed fit() keeps the run's shuffle and frequency.
         args.setdefault("epochs", 1)
-        args["shuffle"], args["validation_freq"] = shuffle, validation_freq
+        args.setdefault("shuffle", True)
+        args.setdefault("validation_freq", 1)
+        shuffle, validation_freq = args["shuffle"], args["validation_freq"]
         if callbacks is not None:
             self._user_callbacks = list(callbacks)
         if args.get("data") is None:

@@ -1,0 +1,211 @@
+"""ModelCheckpoint: write the complete training state into a run directory, off the loop."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from jaxfit.callback import Callback
+from jaxfit.checkpoint._recipe import DEFAULT_MAX_DATA_BYTES, pack_recipe
+from jaxfit.checkpoint._retention import resolve_mode
+from jaxfit.checkpoint._writer import RunWriter, SaveStats
+from jaxfit.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from jaxfit.trainer import Trainer
+
+_SIGNAL_STOPS = ("preempted", "interrupted")
+
+
+def _check_count(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        none = " or None" if allow_none else ""
+        raise ConfigError(f"{name} must be an int >= {minimum}{none}, got {name} = {value!r}")
+
+
+def _owned_copy(tree: Any) -> Any:
+    """A copy whose arrays own their memory.
+
+    On CPU ``jax.device_get`` returns numpy views of the device buffers; while such a view is
+    alive the next donating step cannot reuse the buffer and silently copies the whole state.
+    Copying here (and dropping the views) keeps donation working while the background
+    thread writes.
+    """
+    if isinstance(tree, dict):
+        return {k: _owned_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_owned_copy(v) for v in tree]
+    if isinstance(tree, np.ndarray) and tree.base is not None:
+        return tree.copy()
+    return tree
+
+
+class ModelCheckpoint(Callback):
+    """Writes the complete training state into a run directory, so a run can resume exactly.
+
+    Each checkpoint is a directory holding the state (params, optimizer state with its
+    hyperparameters, batch statistics, step, epoch, data position, callback states, history)
+    as msgpack, and a manifest with versions, metrics and sha256 checksums. The run directory
+    also holds the run's recipe (model, optimizer, callbacks, fit arguments, and the data when
+    it is in-memory arrays of at most ``max_data_bytes``), so ``Trainer.load(directory).fit()``
+    continues the run with nothing else.
+
+    Saving blocks training only to copy the state to host memory; serializing, checksumming,
+    fsyncing and the atomic rename happen in a background thread. A kill at any instant leaves
+    every earlier checkpoint loadable. When fit is stopped by SIGTERM (preemption) or Ctrl-C,
+    a checkpoint of the last finished step is written before ``fit`` ends; however ``fit``
+    ends, it returns only after every checkpoint is on disk.
+
+    Retention keeps two separate guarantees: the ``keep_last`` newest checkpoints, and the
+    ``keep_best`` best ones by ``monitor``. A best checkpoint never displaces the newest.
+
+    Args:
+        directory: the run directory (created if missing).
+        monitor: the epoch log to rank checkpoints by, e.g. ``"val_loss"`` (None: no ranking).
+        mode: ``"min"``, ``"max"``, or ``"auto"`` (from the name: loss-like min, accuracy-like max).
+        every_n_epochs: save at the end of every n-th epoch (None: never at epoch end).
+        every_n_steps: save after every n-th optimizer step, mid-epoch included.
+        every_n_seconds: save after the first step that ends n seconds after the last save.
+        keep_last: how many of the newest checkpoints to keep (None: all).
+        keep_best: how many of the best checkpoints to keep on top of them (None: all scored).
+        max_data_bytes: store the training data in the recipe up to this size (see
+            docs/checkpoints.md); larger data has to be passed again with ``fit(data=...)``.
+        background: write in a background thread (False: write inline, for measurements).
+
+    Attributes:
+        stats: ``SaveStats`` of this fit: how long each save blocked training and how long
+            each write took.
+
+    Example:
+        >>> import numpy as np, optax, flax.linen as nn, tempfile
+        >>> from jaxfit import Trainer
+        >>> from jaxfit.callbacks import ModelCheckpoint
+        >>> x, y = np.random.rand(64, 4).astype("float32"), np.arange(64) % 3
+        >>> run = tempfile.mkdtemp()
+        >>> trainer = Trainer(optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
+        >>> _ = trainer.fit(nn.Dense(3), (x, y), epochs=2, batch_size=16,
+        ...                 callbacks=[ModelCheckpoint(run, keep_last=1)])
+        >>> resumed = Trainer.load(run)
+        >>> resumed.epoch
+        2
+    """
+
+    order = 100
+
+    def __init__(self, directory: str | os.PathLike, monitor: str | None = None,
+                 mode: str = "auto", every_n_epochs: int | None = 1,
+                 every_n_steps: int | None = None, every_n_seconds: float | None = None,
+                 keep_last: int | None = 3, keep_best: int | None = 1, *,
+                 max_data_bytes: int = DEFAULT_MAX_DATA_BYTES, background: bool = True) -> None:
+        if not isinstance(directory, (str, os.PathLike)):
+            raise ConfigError(f"directory must be a path, got {type(directory).__name__}")
+        if monitor is not None and not isinstance(monitor, str):
+            raise ConfigError(f"monitor must be a log name such as 'val_loss', got {monitor!r}")
+        _check_count("every_n_epochs", every_n_epochs, 1)
+        _check_count("every_n_steps", every_n_steps, 1)
+        _check_count("keep_last", keep_last, 1)
+        _check_count("keep_best", keep_best, 0)
+        _check_count("max_data_bytes", max_data_bytes, 0, allow_none=False)
+        if every_n_seconds is not None and (isinstance(every_n_seconds, bool) or not isinstance(
+                every_n_seconds, (int, float)) or not every_n_seconds > 0):
+            raise ConfigError(f"every_n_seconds must be a positive number or None, "
+                              f"got every_n_seconds = {every_n_seconds!r}")
+        try:
+            self._mode = resolve_mode(monitor, mode)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.directory = Path(directory)
+        self.monitor, self.mode = monitor, mode
+        self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
+        self.every_n_seconds = every_n_seconds
+        self.keep_last, self.keep_best = keep_last, keep_best
+        self.max_data_bytes, self.background = max_data_bytes, background
+        self.stats = SaveStats()
+        self._writer: RunWriter | None = None
+        self._saved_at: tuple[int, int] | None = None
+        self._last_time = 0.0
+        self._last_logs: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into the recipe: no thread, no timings of this process.
+        state = dict(self.__dict__)
+        state.update(_writer=None, _saved_at=None, _last_logs={}, stats=SaveStats())
+        return state
+
+    @staticmethod
+    def _position(trainer: Trainer) -> tuple[int, int]:
+        # (step, batch_in_epoch) identifies a point of a run: the end of an epoch (batch 0)
+        # differs from its last step seen mid-epoch (batch N, before validation and epoch end).
+        return trainer.step, trainer.batch_in_epoch
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if self.monitor is not None:
+            trainer.check_monitor(self.monitor, self)
+        self.stats = SaveStats()
+        self._writer = RunWriter(self.directory, keep_last=self.keep_last,
+                                 keep_best=self.keep_best, monitor=self.monitor,
+                                 mode=self._mode, background=self.background)
+        self._writer.stats = self.stats
+        recipe = trainer.recipe()
+        # Which callback wrote the run, so a load can point it at the directory it came from.
+        recipe["checkpoint"] = {"callback_index": next(
+            (i for i, cb in enumerate(recipe.get("callbacks", [])) if cb is self), None)}
+        self._writer.set_recipe(pack_recipe(recipe, self.max_data_bytes))
+        self._saved_at = self._position(trainer)  # a loaded state is already on disk
+        self._last_time = time.monotonic()
+        self._last_logs = {}
+
+    def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        step = trainer.step
+        if self.every_n_steps is not None and (
+                step // self.every_n_steps > self._saved_at[0] // self.every_n_steps):
+            self._save(trainer, "step")
+        elif self.every_n_seconds is not None and (
+                time.monotonic() - self._last_time >= self.every_n_seconds):
+            self._save(trainer, "time")
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        self._last_logs = dict(logs)
+        if self.every_n_epochs is not None and trainer.epoch % self.every_n_epochs == 0:
+            self._save(trainer, "epoch")
+
+    def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        if self._writer is None:
+            return
+        failed = logs.get("exception") is not None
+        try:
+            # After an error the state may be half-updated (or donated away): never save it.
+            # A stop by signal, callback or the last epoch saves what is not on disk yet.
+            if not failed and self._position(trainer) != self._saved_at:
+                reason = logs.get("stop_reason") if logs.get("stop_reason") in _SIGNAL_STOPS \
+                    else "fit_end"
+                self._save(trainer, reason)
+            self._writer.wait()
+        except Exception as err:
+            if not failed:
+                raise
+            warnings.warn(f"ModelCheckpoint: a checkpoint write failed too: {err}", stacklevel=2)
+        finally:
+            self._writer = None
+
+    # ------------------------------------------------------------------ saving
+    def _save(self, trainer: Trainer, reason: str) -> None:
+        start = time.perf_counter()
+        state = _owned_copy(trainer.state_dict())
+        copy_seconds = time.perf_counter() - start
+        step, batch = int(state["step"]), int(state["batch_in_epoch"])
+        # Epoch logs describe this state only at an epoch boundary.
+        metrics = self._last_logs if batch == 0 else {}
+        self._writer.save(state, copy_seconds=copy_seconds, step=step, epoch=int(state["epoch"]),
+                          batch_in_epoch=batch, reason=reason, metrics=metrics,
+                          monitor=self.monitor, mode=self._mode)
+        self._saved_at = (step, batch)
+        self._last_time = time.monotonic()

@@ -1,0 +1,154 @@
+"""``python -m jaxfit``: command-line tools for runs.
+
+    python -m jaxfit info RUN            a table of the run's checkpoints
+    python -m jaxfit resume RUN          Trainer.load(RUN).fit()
+
+A subcommand is one function decorated with :func:`command`: its positional parameters
+become positional arguments, its keyword parameters ``--options`` (a ``bool`` default makes a
+flag), its docstring's first line the help text. It returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+COMMANDS: dict[str, Callable[..., int]] = {}
+
+
+def command(fn: Callable[..., int]) -> Callable[..., int]:
+    """Registers ``fn`` as the subcommand named after it (underscores become dashes)."""
+    COMMANDS[fn.__name__.replace("_", "-")] = fn
+    return fn
+
+
+def _add_parameters(parser: argparse.ArgumentParser, fn: Callable[..., int]) -> None:
+    for param in inspect.signature(fn).parameters.values():
+        if param.default is inspect.Parameter.empty:
+            parser.add_argument(param.name)
+        elif isinstance(param.default, bool):
+            # Off by default: --name; on by default: --no-name turns it off.
+            action = argparse.BooleanOptionalAction if param.default else "store_true"
+            parser.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name,
+                                action=action, default=param.default)
+        else:
+            kind = type(param.default) if param.default is not None else _annotated_type(param)
+            parser.add_argument(f"--{param.name.replace('_', '-')}", dest=param.name,
+                                type=kind, default=param.default)
+
+
+def _annotated_type(param: inspect.Parameter) -> Callable[[str], object]:
+    text = str(param.annotation)
+    return int if "int" in text else float if "float" in text else str
+
+
+def _format_size(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""  # unreachable
+
+
+def _format_metrics(metrics: dict, monitor: str | None) -> str:
+    parts = []
+    for key in sorted(metrics, key=lambda k: (k != monitor, k)):
+        value = metrics[key]
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        parts.append(f"[bold]{key}={text}[/bold]" if key == monitor else f"{key}={text}")
+    return " ".join(parts) or "-"
+
+
+@command
+def info(run: str, verify: bool = True) -> int:
+    """Show the checkpoints of a run: step, epoch, metrics, size, valid, latest, best."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from jaxfit.checkpoint import _manifest, _retention
+
+    path = Path(run)
+    if not path.is_dir():
+        print(f"error: {path} is not a run directory", file=sys.stderr)
+        return 2
+    run_dir = path.parent if _manifest.is_checkpoint_dir(path) else path
+    infos = _manifest.scan(run_dir)
+    valid = {i.name for i in infos if (i.verify() if verify else i.manifest is not None)}
+    monitors = [i.manifest.get("monitor") for i in infos if i.manifest and i.manifest.get("monitor")]
+    monitor = monitors[-1] if monitors else None
+    mode = next((i.manifest.get("mode") for i in reversed(infos)
+                 if i.manifest and i.manifest.get("monitor") == monitor), None)
+    entries = [_retention.Entry(i.name, i.seq, _retention.score_of(i.metrics, monitor))
+               for i in infos if i.name in valid]
+    best = {e.name for e in _retention.best_entries(entries, 1, mode)}
+    newest = max((i for i in infos if i.name in valid), key=lambda i: i.seq, default=None)
+    pointer = _manifest.read_latest_pointer(run_dir)
+
+    title = f"{run_dir}  ({len(infos)} checkpoints"
+    title += f", best by {monitor} ({mode}))" if monitor else ")"
+    table = Table(title=title, title_justify="left")
+    for name, justify in [("checkpoint", "left"), ("step", "right"), ("epoch", "right"),
+                          ("metrics", "left"), ("size", "right"), ("valid", "left"),
+                          ("latest", "center"), ("best", "center")]:
+        table.add_column(name, justify=justify, no_wrap=name not in ("metrics", "valid"),
+                         overflow="fold")
+    for i in infos:
+        size = None
+        if i.manifest:
+            size = sum(f.get("size", 0) for f in i.manifest["files"].values()
+                       if isinstance(f, dict))
+        epoch = "-" if i.manifest is None else (
+            f"{i.epoch}" if not i.manifest["batch_in_epoch"]
+            else f"{i.epoch} +{i.manifest['batch_in_epoch']} batches")
+        problem = (i.problem or "?").replace(f"{i.path}{os.sep}", "").replace(str(run_dir), ".")
+        status = "[green]yes[/green]" if i.name in valid else f"[red]no[/red]: {problem}"
+        latest = "●" if newest is not None and i.name == newest.name else (
+            "○" if i.name == pointer else "")
+        table.add_row(i.name, "-" if i.step is None else str(i.step), epoch,
+                      _format_metrics(i.metrics, monitor), _format_size(size), status, latest,
+                      "★" if i.name in best else "")
+    console = Console()
+    console.print(table)
+    if newest is None:
+        console.print("[red]no valid checkpoint: this run cannot be resumed[/red]")
+    else:
+        console.print(f"resume with: python -m jaxfit resume {run_dir}")
+    return 0 if newest is not None else 1
+
+
+@command
+def resume(run: str, epochs: int | None = None, trusted: bool = False) -> int:
+    """Continue a run: Trainer.load(RUN).fit() (loading unpickles the run's recipe)."""
+    from jaxfit import Trainer
+    from jaxfit.errors import JaxfitError
+
+    try:
+        trainer = Trainer.load(run, trusted=trusted)
+        print(f"resuming {run} at epoch {trainer.epoch}, step {trainer.step}", file=sys.stderr)
+        trainer.fit(epochs=epochs)
+    except (JaxfitError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses ``argv`` and runs the chosen subcommand; returns its exit status."""
+    parser = argparse.ArgumentParser(prog="python -m jaxfit",
+                                     description="Command-line tools for jaxfit runs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, fn in COMMANDS.items():
+        doc = (inspect.getdoc(fn) or "").split("\n")[0]
+        _add_parameters(sub.add_parser(name, help=doc, description=doc), fn)
+    args = vars(parser.parse_args(argv))
+    return COMMANDS[args.pop("command")](**args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Which checkpoints of a run to keep.
+
+"Latest" and "best" are separate guarantees: the ``keep_last`` newest checkpoints are kept
+whatever their scores, and the ``keep_best`` best-scoring ones are kept on top of them. A
+best checkpoint never pushes out the newest one (orbax#526 deleted the newest checkpoints to
+keep the best, leaving nothing to resume from).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What retention needs to know about a checkpoint: name, write order, monitored score."""
+
+    name: str
+    seq: int
+    score: float | None = None
+
+
+_LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "error", "perplexity", "crossentropy")
+_HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "dice", "r2")
+
+
+def resolve_mode(monitor: str | None, mode: str) -> str | None:
+    """``"min"`` or ``"max"`` for ``mode="auto"`` (by the metric's name, as EarlyStopping and
+    ReduceOnPlateau infer it), else ``mode``; None when nothing is monitored."""
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got mode = {mode!r}")
+    if monitor is None or mode != "auto":
+        return None if monitor is None else mode
+    name = monitor.removeprefix("val_").lower()
+    if any(word in name for word in _LOWER_IS_BETTER):
+        return "min"
+    if any(word in name for word in _HIGHER_IS_BETTER):
+        return "max"
+    raise ValueError(
+        f"cannot tell whether {monitor!r} should be minimised or maximised: mode='auto' knows "
+        "loss/error-like names (min) and accuracy-like names (max). Pass mode='min' or "
+        "mode='max'."
+    )
+
+
+def score_of(metrics: dict, monitor: str | None) -> float | None:
+    """The monitored value in a manifest's metrics, or None when absent or not finite."""
+    if monitor is None:
+        return None
+    value = metrics.get(monitor)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def best_entries(entries: Iterable[Entry], keep_best: int | None, mode: str | None) -> list[Entry]:
+    """The ``keep_best`` best-scoring entries, best first; ties go to the earlier one."""
+    scored = [e for e in entries if e.score is not None]
+    if mode is None or not scored:
+        return []
+    sign = -1.0 if mode == "max" else 1.0
+    ranked = sorted(scored, key=lambda e: (sign * e.score, e.seq))
+    return ranked if keep_best is None else ranked[:keep_best]
+
+
+def select_keep(entries: Sequence[Entry], *, keep_last: int | None, keep_best: int | None,
+                mode: str | None) -> set[str]:
+    """Names of the entries to keep.
+
+    Args:
+      entries: every checkpoint of the run whose manifest could be read.
+      keep_last: how many of the newest to keep (None keeps all).
+      keep_best: how many of the best-scoring to keep in addition (None keeps every scored one).
+      mode: "min" or "max" for the score, or None when nothing is monitored.
+
+    Returns:
+      The union of the ``keep_last`` newest and the ``keep_best`` best names.
+    """
+    newest = sorted(entries, key=lambda e: e.seq, reverse=True)
+    keep = {e.name for e in (newest if keep_last is None else newest[:keep_last])}
+    keep.update(e.name for e in best_entries(entries, keep_best, mode))
+    return keep

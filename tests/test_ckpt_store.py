@@ -1,0 +1,194 @@
+"""Writing, retention, and finding the newest valid checkpoint, on plain state dicts."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxfit.checkpoint import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointWarning,
+    RunWriter,
+    list_checkpoints,
+    read_checkpoint,
+    write_checkpoint,
+)
+from jaxfit.checkpoint import _io, _manifest
+from jaxfit.checkpoint._retention import Entry, resolve_mode, select_keep
+
+
+def _state(step):
+    return {"train_state": {"w": np.full(3, step, np.float32)}, "epoch": step}
+
+
+def _write(run, seq, step, **metrics):
+    return write_checkpoint(run, _state(step), seq=seq, step=step, epoch=step, batch_in_epoch=0,
+                            reason="epoch", metrics=metrics, monitor="val_loss", mode="min")
+
+
+def test_written_checkpoint_has_manifest_with_versions_and_checksums(tmp_path):
+    path = _write(tmp_path, 1, 10, val_loss=0.5)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert path.name == "ckpt-000001-step10"
+    assert manifest["format_version"] == 1 and manifest["step"] == 10
+    assert {"jaxfit", "jax", "flax", "optax"} <= manifest["versions"].keys()
+    assert manifest["metrics"] == {"val_loss": 0.5}
+    digest, size = _io.sha256_file(path / "state.msgpack")
+    assert manifest["files"]["state.msgpack"] == {"sha256": digest, "size": size}
+    assert (tmp_path / "latest").read_text() == "ckpt-000001-step10\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_non_finite_metrics_stay_valid_json(tmp_path):
+    path = _write(tmp_path, 1, 1, val_loss=float("nan"))
+    assert json.loads((path / "manifest.json").read_text())["metrics"] == {"val_loss": "nan"}
+
+
+def test_failed_write_leaves_no_partial_checkpoint(tmp_path):
+    with pytest.raises(TypeError, match="cannot store"):
+        write_checkpoint(tmp_path, {"x": object()}, seq=1, step=1, epoch=1, batch_in_epoch=0,
+                         reason="epoch", metrics={})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    dead = tmp_path / ".tmp-999999999-ckpt-000001-step1"
+    dead.mkdir()
+    alive = tmp_path / f".tmp-{os.getppid()}-ckpt-000002-step2"
+    alive.mkdir()
+    assert _io.remove_stale_tmp(tmp_path) == [dead.name]
+    assert alive.exists()
+
+
+def test_read_picks_newest_and_loads_bit_exact_state(tmp_path):
+    for seq in (1, 2, 3):
+        _write(tmp_path, seq, seq * 10)
+    path, manifest, state = read_checkpoint(tmp_path)
+    assert path.name == "ckpt-000003-step30" and manifest["step"] == 30
+    assert state["train_state"]["w"].tolist() == [30.0, 30.0, 30.0]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no_manifest", "no_state", "bad_json"])
+def test_corrupt_newest_falls_back_to_previous_with_warning_naming_it(tmp_path, damage):
+    _write(tmp_path, 1, 10)
+    newest = _write(tmp_path, 2, 20)
+    state_file, manifest_file = newest / "state.msgpack", newest / "manifest.json"
+    data = state_file.read_bytes()
+    if damage == "flip":
+        state_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    elif damage == "truncate":
+        state_file.write_bytes(data[: len(data) // 2])
+    elif damage == "no_manifest":
+        manifest_file.unlink()
+    elif damage == "no_state":
+        state_file.unlink()
+    else:
+        manifest_file.write_text("{not json")
+    with pytest.warns(CheckpointWarning, match=r"skipping checkpoint ckpt-000002-step20"):
+        path, manifest, _ = read_checkpoint(tmp_path)
+    assert path.name == "ckpt-000001-step10" and manifest["step"] == 10
+
+
+def test_loading_one_corrupt_checkpoint_names_the_file(tmp_path):
+    path = _write(tmp_path, 1, 10)
+    (path / "state.msgpack").write_bytes(b"\x00" * 3)
+    with pytest.raises(CheckpointCorruptError, match=r"state\.msgpack has 3 bytes, the manifest"):
+        read_checkpoint(path)
+
+
+def test_newer_format_version_is_refused_with_upgrade_hint(tmp_path):
+    path = _write(tmp_path, 1, 10)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointCorruptError, match=r"newer jaxfit.*upgrade jaxfit"):
+        read_checkpoint(path)
+
+
+def test_missing_path_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint or run directory"):
+        read_checkpoint(tmp_path / "nope")
+
+
+def test_run_without_valid_checkpoints_lists_the_problems(tmp_path):
+    with pytest.raises(CheckpointError, match="holds no checkpoints"):
+        read_checkpoint(tmp_path)
+    (_write(tmp_path, 1, 10) / "manifest.json").unlink()
+    with pytest.warns(CheckpointWarning):
+        with pytest.raises(CheckpointError, match=r"(?s)no valid checkpoint.*ckpt-000001-step10"):
+            read_checkpoint(tmp_path)
+
+
+# keep_last / keep_best retention table: scores by seq, "min" mode.
+SCORES = {1: 0.9, 2: 0.2, 3: 0.5, 4: 0.3, 5: 0.8, 6: None}
+
+
+@pytest.mark.parametrize("keep_last, keep_best, mode, kept", [
+    (3, 1, "min", {2, 4, 5, 6}),        # newest 3 + the best (seq 2), best outside newest
+    (1, 1, "min", {2, 6}),              # newest is never dropped for the best (orbax#526)
+    (1, 2, "min", {2, 4, 6}),
+    (3, 1, "max", {1, 4, 5, 6}),        # best under max is seq 1
+    (2, 0, "min", {5, 6}),
+    (None, 1, "min", {1, 2, 3, 4, 5, 6}),
+    (1, None, "min", {1, 2, 3, 4, 5, 6}),
+    (2, 3, None, {5, 6}),               # nothing monitored: keep_best has nothing to rank
+    (6, 1, "min", {1, 2, 3, 4, 5, 6}),
+])
+def test_retention_table(keep_last, keep_best, mode, kept):
+    entries = [Entry(f"c{seq}", seq, score) for seq, score in SCORES.items()]
+    names = select_keep(entries, keep_last=keep_last, keep_best=keep_best, mode=mode)
+    assert names == {f"c{seq}" for seq in kept}
+
+
+def test_retention_ties_keep_the_earlier_checkpoint():
+    entries = [Entry("a", 1, 0.5), Entry("b", 2, 0.5), Entry("c", 3, 0.9)]
+    assert select_keep(entries, keep_last=1, keep_best=1, mode="min") == {"a", "c"}
+
+
+@pytest.mark.parametrize("monitor, mode", [("val_accuracy", "max"), ("val_loss", "min"),
+                                           ("val_auc", "max"), ("loss", "min")])
+def test_auto_mode(monitor, mode):
+    assert resolve_mode(monitor, "auto") == mode
+
+
+def test_bad_mode_is_explained():
+    with pytest.raises(ValueError, match=r"mode must be 'auto', 'min' or 'max', got mode = 'up'"):
+        resolve_mode("loss", "up")
+
+
+def test_run_writer_applies_retention_and_keeps_unreadable_ones(tmp_path):
+    writer = RunWriter(tmp_path, keep_last=2, keep_best=1, monitor="val_loss", mode="min")
+    writer.set_recipe(b"recipe bytes")
+    foreign = tmp_path / "ckpt-000000-step0"
+    foreign.mkdir()  # no manifest: never deleted
+    for step, loss in [(1, 0.1), (2, 0.5), (3, 0.4), (4, 0.6)]:
+        writer.save(_state(step), step=step, epoch=step, batch_in_epoch=0, reason="epoch",
+                    metrics={"val_loss": loss}, monitor="val_loss", mode="min")
+    writer.wait()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["ckpt-000000-step0", "ckpt-000001-step1", "ckpt-000003-step3",
+                     "ckpt-000004-step4", "latest", writer.recipe_ref["file"]]
+    assert len(writer.stats.blocking) == len(writer.stats.write) == 4
+    assert [i.step for i in list_checkpoints(tmp_path) if i.manifest] == [1, 3, 4]
+
+
+def test_run_writer_surfaces_background_errors(tmp_path):
+    writer = RunWriter(tmp_path, keep_last=2, keep_best=1, monitor=None, mode=None)
+    writer.save({"x": object()}, step=1, epoch=1, batch_in_epoch=0, reason="epoch", metrics={})
+    with pytest.raises(RuntimeError, match="writing a checkpoint into .* failed: cannot store"):
+        writer.wait()
+    writer.wait()  # reported once
+
+
+def test_recipe_files_no_checkpoint_refers_to_are_removed(tmp_path):
+    writer = RunWriter(tmp_path, keep_last=1, keep_best=0, monitor=None, mode=None)
+    writer.set_recipe(b"first fit")
+    first = writer.recipe_ref["file"]
+    writer.save(_state(1), step=1, epoch=1, batch_in_epoch=0, reason="epoch", metrics={})
+    writer.set_recipe(b"second fit")
+    writer.save(_state(2), step=2, epoch=2, batch_in_epoch=0, reason="epoch", metrics={})
+    writer.wait()
+    assert not (tmp_path / first).exists() and (tmp_path / writer.recipe_ref["file"]).exists()
+    assert _manifest.read_latest_pointer(tmp_path) == "ckpt-000002-step2"
