@@ -195,3 +195,19 @@ def test_history_plot_of_a_real_fit_draws_loss_metric_and_learning_rate(tmp_path
                           callbacks=[LRScheduler(optax.exponential_decay(0.1, 5, 0.1)),
                                      LearningRateMonitor()])  # fmt: skip
     assert png_size(history.plot(tmp_path / "h.png")) == (1500, 360)
+
+
+def test_cli_plot_writes_the_png_and_prints_its_path(tmp_path, data, capsys):
+    from jaxfit.__main__ import main
+
+    run = checkpointed_run(tmp_path, data)
+    assert main(["plot", str(run), "--out", str(tmp_path / "cli.png")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cli.png")
+    assert png_size(tmp_path / "cli.png") == (1000, 360)
+
+
+def test_cli_plot_of_a_missing_run_fails_with_a_message(tmp_path, capsys):
+    from jaxfit.__main__ import main
+
+    assert main(["plot", str(tmp_path / "nope")]) == 1
+    assert "error: no checkpoint or run directory at" in capsys.readouterr().err
