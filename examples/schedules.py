@@ -141,7 +141,8 @@ def print_table(results: list[dict], console: Console) -> None:
             f"{r['seconds']:.1f}",
         )
     console.print(table)
-    console.print("wall time includes compiling each run's step (a new schedule is a new step)")
+    console.print("wall time includes initialising and compiling each run "
+                  "(every schedule is a new train step)")  # fmt: skip
 
 
 def plot_study(results: list[dict], path: Path) -> Path:
