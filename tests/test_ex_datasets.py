@@ -215,3 +215,15 @@ def test_image_dataset_uses_fashion_mnist_when_present(fake_fashion, offline):
     data = load_image_dataset(folder)
     assert data.name == "fashion_mnist" and data.fallback_reason is None
     assert data.subset(3, 2).x_train.shape == (3, 28, 28, 1)
+
+
+def test_sha256_checksums_are_verified_too(fake_fashion, monkeypatch):
+    folder, _ = fake_fashion
+    name = "t10k-labels-idx1-ubyte.gz"
+    blob = (folder / name).read_bytes()
+    good = "sha256:" + hashlib.sha256(blob).hexdigest()
+    monkeypatch.setitem(datasets.FASHION_MNIST_FILES, name, (good, len(blob)))
+    assert fetch_fashion_mnist(folder, download=False) == folder
+    monkeypatch.setitem(datasets.FASHION_MNIST_FILES, name, ("sha256:" + "f" * 64, len(blob)))
+    with pytest.raises(ChecksumError, match=r"sha256 [0-9a-f]{64}, expected f{64}"):
+        fetch_fashion_mnist(folder, download=False)
