@@ -96,8 +96,9 @@ def scheduled_b1(data, args) -> tuple[HyperparamTrace, HyperparamTrace]:
     n = args.steps_per_epoch * args.epochs // 2
     # The optax docs build b1 with piecewise_interpolate_schedule('linear', init_value=0.1,
     # boundaries_and_scales={100: 1.0}) and call it "linear from 0.1 to 1.0"; but the scale
-    # multiplies the value, so that schedule stays at 0.1 (and b1 = 1.0 would stall Adam).
-    # Scale by 9 to get the ramp the docs mean, ending at Adam's usual 0.9.
+    # multiplies the value, so that schedule stays at 0.1 (and b1 = 1.0 would freeze Adam's
+    # first moment and zero its bias correction). A scale of 9 gives the ramp the docs mean,
+    # ending at Adam's usual 0.9.
     b1 = optax.piecewise_interpolate_schedule("linear", 0.1, boundaries_and_scales={n: 9.0})
     fit_args = dict(validation_data=(data.x_val, data.y_val), epochs=args.epochs,
                     batch_size=args.batch_size)  # fmt: skip
