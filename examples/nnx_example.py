@@ -2,8 +2,8 @@
 
 An nnx module is built (and initialised) by the user, from its own ``nnx.Rngs``. jaxfit splits
 it into the trainable ``nnx.Param`` state, which the optimizer updates, and everything else
-(batch statistics, the dropout RNG stream), which the train step carries and checkpoints. After
-training, ``nnx.update`` puts the trained state back into the module, ready to call.
+(batch statistics, the dropout RNG stream), which the train step carries and checkpoints. When
+``fit`` returns, the module holds the trained state (a copy), ready to call.
 
     python examples/nnx_example.py            # 15 epochs on scikit-learn's digits
     python examples/nnx_example.py --smoke    # seconds
@@ -86,14 +86,13 @@ def main(argv=None) -> dict[str, float]:
     kinds = sorted({type(v).__name__ for v in leaves})
     print(f"model state trained alongside the params: {', '.join(kinds)}")
 
-    # Training donated the module's original arrays; put the trained state back into it.
-    nnx.update(model, trainer.params, trainer.model_state)
+    # fit wrote the trained state back into the module (as copies the train step won't donate).
     model.eval()
     logits = model(jnp.asarray(data.x_val))
     accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == data.y_val))
     same = np.allclose(np.asarray(logits), trainer.predict(data.x_val), atol=1e-5)
     evaluated = trainer.evaluate((data.x_val, data.y_val))
-    print(f"the updated nnx module: val accuracy {accuracy:.4f} (trainer.evaluate: "
+    print(f"the trained nnx module: val accuracy {accuracy:.4f} (trainer.evaluate: "
           f"{evaluated['accuracy']:.4f}); its outputs match trainer.predict: {same}")  # fmt: skip
     path = history.plot(args.out, title="flax.nnx CNN on digits")
     print(f"wrote {path}")
