@@ -7,6 +7,7 @@ pure function of pytrees — under a device mesh by passing shardings to ``jax.j
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterator
 
 import jax
@@ -31,7 +32,13 @@ class TrainState:
 
 
 def zero_metrics(names: list[str]) -> dict:
-    return {k: jnp.zeros((), jnp.float32) for k in ["count", "loss", *names]}
+    return _zeros_fn(tuple(names))()
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(names: tuple[str, ...]) -> Callable[[], dict]:
+    # One dispatch for all accumulators instead of one jnp.zeros each: runs every epoch.
+    return jax.jit(lambda: {k: jnp.zeros((), jnp.float32) for k in ["count", "loss", *names]})
 
 
 def _accumulate(acc: dict, per_loss: jax.Array, outputs: Any, targets: Any, mask: jax.Array,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import threading
@@ -436,11 +437,12 @@ class Trainer:
     def _run(self, train: Any, val: Any, epochs: int) -> None:
         cbs = self.callbacks
         k_exec = self.steps_per_execution
+        first_epoch = self._epochs_completed + 1
         while self._epochs_completed < epochs and not self.stop_training:
             epoch = self._epochs_completed + 1
             self._epoch_under_way = epoch
-            if self.batch_in_epoch == 0:
-                self._reset_metrics()
+            if self.batch_in_epoch == 0 and epoch == first_epoch:
+                self._reset_metrics()  # later epochs start from _end_epoch's reset
             cbs.call("on_epoch_start", self)
             has_start, has_end = cbs.has("on_train_batch_start"), cbs.has("on_train_batch_end")
             steps = {1: self._train_fn(1), k_exec: self._train_fn(k_exec)}
@@ -560,7 +562,7 @@ class Trainer:
             "epoch": self._epochs_completed,
             "batch_in_epoch": self.batch_in_epoch,
             "seed": self.seed,
-            "rng": np.asarray(jax.random.key_data(jax.random.key(self.seed))),
+            "rng": _seed_key_data(self.seed).copy(),
             "input_spec": _spec_to_dict(self._input_spec),
             "history": self.history.state_dict(),
             "callbacks": CallbackList(self._user_callbacks).state_dict(),
@@ -622,6 +624,12 @@ class Trainer:
         from jaxfit.checkpoint import load_trainer
 
         return load_trainer(path, **kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def _seed_key_data(seed: int) -> np.ndarray:
+    # Computed once per seed: every checkpoint save asks for it, on the training thread.
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
 def _is_spec(s: Any) -> bool:
