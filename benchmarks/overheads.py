@@ -4,9 +4,9 @@
   against writing the same state inline (``background=False``). The steps still under way are
   waited for first by a probe running just before the checkpoint, so neither figure counts
   training work.
-- **epoch gap**: the time from the end of an epoch's last step to the end of the next epoch's
-  first step, less one step, with every built-in callback on, against History alone
-  (validation left out: there is no validation data).
+- **epoch gap**: the time from the end of an epoch's last step to the dispatch of the next
+  epoch's first step, with every built-in callback on, against History alone (validation
+  left out: there is no validation data).
 - **resume**: from ``Trainer.load(run)`` to the end of the first resumed step, against a fresh
   start's time from ``Trainer(...)`` to the end of its first step; each in a new process.
 
@@ -55,23 +55,30 @@ class FirstStep(Callback):
 
 
 class EpochGap(Callback):
-    """Times the last steps of each epoch and the first step of the next (syncing there only)."""
+    """Host time from the end of an epoch's last step to the dispatch of the next epoch's first.
+
+    The probe waits for the last step of each epoch (the device is idle from then on), then
+    stamps the start of the next epoch's first step: everything the engine and the callbacks do
+    at the boundary lies in between, training work does not. It runs last (order 10000), so
+    the other callbacks' batch hooks fall inside the interval too.
+    """
 
     order = 10_000
 
     def __init__(self, steps_per_epoch: int) -> None:
         self.n = steps_per_epoch
-        self.marks: dict[int, float] = {}  # batch index within the run -> time it was done
+        self.last_done: float | None = None
         self.gaps: list[float] = []
 
+    def on_train_batch_start(self, trainer) -> None:
+        if trainer.batch_in_epoch == 0 and self.last_done is not None:
+            self.gaps.append(time.perf_counter() - self.last_done)
+            self.last_done = None
+
     def on_train_batch_end(self, trainer, logs) -> None:
-        b = trainer.batch_in_epoch
-        if b >= self.n - 2 or b == 1:
+        if trainer.batch_in_epoch == self.n:
             jax.block_until_ready(logs["loss"])
-            self.marks[trainer.step] = time.perf_counter()
-        if b == 1 and trainer.step - 1 in self.marks and trainer.step - 3 in self.marks:
-            step_s = (self.marks[trainer.step - 1] - self.marks[trainer.step - 3]) / 2
-            self.gaps.append(self.marks[trainer.step] - self.marks[trainer.step - 1] - step_s)
+            self.last_done = time.perf_counter()
 
 
 def _wait_first() -> type:
