@@ -16,6 +16,7 @@ import optax
 
 from jaxfit import _tree
 from jaxfit._reduce import resolve, shape_of
+from jaxfit._fusion import FusionChooser
 from jaxfit.callback import Callback, CallbackList
 from jaxfit.data import Execution, make_source
 from jaxfit.errors import ConfigError, DataError, MonitorError, Preempted, ShapeError
@@ -48,6 +49,8 @@ class Trainer:
             ``"auto"`` (the default), which unrolls fully on the CPU when the step has a
             convolution (XLA:CPU runs convolutions in a rolled loop 25-50x slower) and keeps
             the scan rolled otherwise; ``trainer.fit_config["scan_unroll"]`` says what was used.
+            On a single device the first executions of each fit are timed fused and as single
+            steps, and the faster way is kept: ``trainer.fit_config["execution"]``.
         input_keys, target_keys: for dict data, which keys are model inputs and targets
             (default: targets are ``"label"``/``"labels"``/``"y"``/``"target(s)"``, inputs
             the rest).
@@ -438,6 +441,8 @@ class Trainer:
         cbs = self.callbacks
         k_exec = self.steps_per_execution
         first_epoch = self._epochs_completed + 1
+        # Fused or single steps, timed on the first executions of each fit (see _fusion).
+        self._fusion = FusionChooser(lambda mode: self.fit_config.__setitem__("execution", mode))
         while self._epochs_completed < epochs and not self.stop_training:
             epoch = self._epochs_completed + 1
             self._epoch_under_way = epoch
@@ -449,8 +454,11 @@ class Trainer:
             for ex in train.executions(epoch, self.batch_in_epoch, k_exec):
                 if has_start:
                     cbs.call("on_train_batch_start", self)
-                x, y = (ex.x, ex.y) if self.mesh is None else self._place_batch((ex.x, ex.y), ex.k > 1)
-                self._state, loss = steps[ex.k](self._state, x, y, self._mask(ex))
+                if ex.k > 1 and self.mesh is None:
+                    self._state, loss = self._fusion.run(steps[ex.k], steps[1], self._state, ex, self._mask)
+                else:
+                    x, y = (ex.x, ex.y) if self.mesh is None else self._place_batch((ex.x, ex.y), ex.k > 1)
+                    self._state, loss = steps[ex.k](self._state, x, y, self._mask(ex))
                 self._step += ex.k
                 self.batch_in_epoch += ex.k
                 if has_end:

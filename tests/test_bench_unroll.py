@@ -58,3 +58,61 @@ def test_auto_unroll_finds_convolutions_nested_in_control_flow():
 def test_invalid_scan_unroll_is_rejected(bad):
     with pytest.raises(ConfigError, match='scan_unroll must be "auto", True or an int >= 1'):
         Trainer(optimizer=optax.sgd(0.1), scan_unroll=bad)
+
+
+def _fake_step(delay):
+    def step(state, x, y, mask):
+        import time
+
+        time.sleep(delay)
+        return state + 1, np.float32(state)
+
+    return step
+
+
+@pytest.mark.parametrize("fused_delay, single_delay, expected", [(0.001, 0.01, "fused"),
+                                                                 (0.05, 0.0, "single steps")])
+def test_fusion_chooser_keeps_the_faster_way(fused_delay, single_delay, expected):
+    from jaxfit._fusion import FusionChooser
+    from jaxfit.data import Execution
+
+    chosen = []
+    chooser = FusionChooser(chosen.append)
+    ex = Execution(np.zeros((4, 2, 3)), np.zeros((4, 2)), (2, 2, 2, 2), 2)
+    state = 0
+    for _ in range(8):
+        state, _ = chooser.run(_fake_step(fused_delay), _fake_step(single_delay), state, ex,
+                               lambda e: None)
+    assert chosen == [expected]
+    assert chooser.mode == expected
+
+
+def test_fused_and_single_steps_train_identically(data):
+    from jaxfit import _fusion
+
+    x, y = data
+    results = []
+    for forced in (_fusion.FUSED, _fusion.SINGLE):
+        trainer = Trainer(optimizer=optax.adam(1e-2), steps_per_execution=4)
+        original = _fusion.FusionChooser.run
+
+        def run(self, *args, _forced=forced):
+            self.mode = _forced
+            return original(self, *args)
+
+        _fusion.FusionChooser.run = run
+        try:
+            trainer.fit(nn.Dense(3), (x, y), epochs=2, batch_size=8)
+        finally:
+            _fusion.FusionChooser.run = original
+        results.append((trainer.history.history["loss"], jax.device_get(trainer.params)))
+    (loss_f, params_f), (loss_s, params_s) = results
+    np.testing.assert_allclose(loss_f, loss_s, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                           params_f, params_s)
+
+
+def test_fit_reports_the_execution_it_chose(data):
+    trainer = Trainer(optimizer=optax.sgd(0.1), steps_per_execution=2)
+    trainer.fit(nn.Dense(3), data, epochs=3, batch_size=4)  # 18 batches: 9 executions per epoch
+    assert trainer.fit_config["execution"] in ("fused", "single steps")
