@@ -3,8 +3,8 @@ whichever this machine runs faster for this model.
 
 Fusing ``k`` steps in one ``lax.scan`` saves ``k - 1`` dispatches (~1.5x on a model whose step
 takes ~0.1 ms), but XLA:CPU runs some ops slower inside a loop: convolutions 25-50x (those
-steps are unrolled, see ``steps.auto_unroll``), large matmuls measurably. So the first
-executions of a fit are timed both ways (each way once to compile, then twice more, waiting
+steps are unrolled, see ``steps.auto_unroll``), large matmuls measurably. So when
+``scan_unroll="auto"`` keeps the scan rolled, the first executions of a fit are timed both ways (each way once to compile, then twice more, waiting
 for the device around each), and the rest of the fit uses the faster way. The results of
 both ways are identical: the same step runs on the same batches in the same order.
 """
@@ -27,10 +27,16 @@ class FusionChooser:
 
     Args:
         on_choice: called once with ``FUSED`` or ``SINGLE`` when the choice is made.
+        measure: asked after the first (compiling) fused execution whether to time the two
+            ways; when it says no, executions stay fused (an explicit ``scan_unroll``, or
+            the unrolled convolution case, which measured faster fused and would otherwise
+            compile a second program in the middle of training).
     """
 
-    def __init__(self, on_choice: Callable[[str], None]) -> None:
+    def __init__(self, on_choice: Callable[[str], None],
+                 measure: Callable[[], bool] = lambda: True) -> None:
         self.on_choice = on_choice
+        self.measure = measure
         self.mode: str | None = None
         self._trial = 0
         self._seconds: dict[str, list[float]] = {FUSED: [], SINGLE: []}
@@ -48,7 +54,10 @@ class FusionChooser:
         if self._trial >= 2:
             self._seconds[way].append(time.perf_counter() - start)
         self._trial += 1
-        if self._trial == len(_TRIALS):
+        if self._trial == 1 and not self.measure():
+            self.mode = FUSED
+            self.on_choice(self.mode)
+        elif self._trial == len(_TRIALS):
             self.mode = min(self._seconds, key=lambda w: min(self._seconds[w]))
             self.on_choice(self.mode)
         return state, loss

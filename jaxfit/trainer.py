@@ -442,7 +442,9 @@ class Trainer:
         k_exec = self.steps_per_execution
         first_epoch = self._epochs_completed + 1
         # Fused or single steps, timed on the first executions of each fit (see _fusion).
-        self._fusion = FusionChooser(lambda mode: self.fit_config.__setitem__("execution", mode))
+        self._fusion = FusionChooser(
+            lambda mode: self.fit_config.__setitem__("execution", mode),
+            measure=lambda: self.scan_unroll == "auto" and self.fit_config.get("scan_unroll") == 1)
         while self._epochs_completed < epochs and not self.stop_training:
             epoch = self._epochs_completed + 1
             self._epoch_under_way = epoch

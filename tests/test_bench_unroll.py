@@ -116,3 +116,27 @@ def test_fit_reports_the_execution_it_chose(data):
     trainer = Trainer(optimizer=optax.sgd(0.1), steps_per_execution=2)
     trainer.fit(nn.Dense(3), data, epochs=3, batch_size=4)  # 18 batches: 9 executions per epoch
     assert trainer.fit_config["execution"] in ("fused", "single steps")
+
+
+def test_unrolled_or_explicit_fusion_is_not_second_guessed():
+    from jaxfit._fusion import FusionChooser
+    from jaxfit.data import Execution
+
+    chosen = []
+    chooser = FusionChooser(chosen.append, measure=lambda: False)
+    ex = Execution(np.zeros((2, 1, 3)), np.zeros((2, 1)), (1, 1), 1)
+    calls = []
+
+    def single(state, x, y, mask):
+        calls.append("single")
+        return state, np.float32(0)
+
+    for _ in range(4):
+        chooser.run(_fake_step(0.0), single, 0, ex, lambda e: None)
+    assert chosen == ["fused"] and calls == []
+
+
+def test_explicit_scan_unroll_keeps_executions_fused(data):
+    trainer = Trainer(optimizer=optax.sgd(0.1), steps_per_execution=2, scan_unroll=1)
+    trainer.fit(nn.Dense(3), data, epochs=1, batch_size=4)
+    assert trainer.fit_config["execution"] == "fused"
