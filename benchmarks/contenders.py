@@ -81,8 +81,8 @@ def _import_jaxfit() -> None:
 
 
 def _mallopt() -> None:
-    # `import jaxfit` tunes glibc's allocator before the backend starts; the hand loop
-    # itself does not use jaxfit.
+    # `import jaxfit` tunes glibc's allocator before the backend starts (the worker's
+    # environment opts in); the hand loop itself does not use jaxfit.
     import jaxfit._allocator as alloc
 
     status = alloc.tune_allocator()
@@ -100,7 +100,8 @@ CONTENDERS: dict[str, Contender] = {
     c.name: c
     for c in [
         Contender("A", "A hand loop", _hand()),
-        Contender("A-mallopt", "A + glibc mallopt (jaxfit's)", _hand(), prepare=_mallopt),
+        Contender("A-mallopt", "A + glibc mallopt (jaxfit's, opt-in)", _hand(),
+                  env={"JAXFIT_MALLOC_TUNING": "1"}, prepare=_mallopt),
         Contender(
             "A-jemalloc", "A + jemalloc preload", _hand(),
             env={"LD_PRELOAD": _JEMALLOC or "", "MALLOC_CONF": JEMALLOC_CONF},
@@ -121,6 +122,10 @@ CONTENDERS: dict[str, Contender] = {
         Contender(
             "jaxfit-callbacks", "jaxfit fit + everyday callbacks", _jaxfit(callbacks=True),
             prepare=_import_jaxfit,
+        ),
+        Contender(
+            "jaxfit-mallopt", "jaxfit fit + everyday callbacks, JAXFIT_MALLOC_TUNING=1",
+            _jaxfit(callbacks=True), env={"JAXFIT_MALLOC_TUNING": "1"}, prepare=_import_jaxfit,
         ),
         Contender(
             "jaxfit-no-ckpt", "jaxfit fit + everyday callbacks but ModelCheckpoint",

@@ -78,4 +78,5 @@ def run_jaxfit(
         "missing_callbacks": missing,
         "allocator": allocator_status().reason,
         "scan_unroll": trainer.fit_config.get("scan_unroll"),
+        "execution": trainer.fit_config.get("execution"),
     }

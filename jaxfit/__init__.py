@@ -56,5 +56,6 @@ if not os.path.isdir(os.path.join(_here, "callbacks")) and os.path.isfile(
 ):
     sys.meta_path.insert(0, _CheckoutCallbacksFinder(_checkout_callbacks))
 
-# glibc malloc tuning for XLA:CPU; it must run before JAX's backend starts (see _allocator).
+# Opt-in glibc malloc tuning for XLA:CPU (JAXFIT_MALLOC_TUNING=1): it must run before JAX's
+# backend starts, so it runs on import (see _allocator).
 _tune_allocator()

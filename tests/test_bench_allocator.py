@@ -1,4 +1,4 @@
-"""jaxfit's glibc malloc tuning: when it applies, its opt-out, and its effect on page faults."""
+"""jaxfit's opt-in glibc malloc tuning: when it applies, and its effect on page faults."""
 
 from __future__ import annotations
 
@@ -29,34 +29,42 @@ _STATUS = (
 )
 
 
-@pytest.mark.parametrize("value", ["0", "false", "OFF", "no"])
-def test_opt_out_values_disable_the_tuning(value):
+@pytest.mark.parametrize("value", ["", "0", "false", "OFF", "no", "maybe"])
+def test_tuning_is_off_unless_opted_in(value):
     reason = alloc._why_not({"JAXFIT_MALLOC_TUNING": value})
-    assert reason is not None and "disabled by JAXFIT_MALLOC_TUNING" in reason
+    assert reason == "off (opt in with JAXFIT_MALLOC_TUNING=1)"
+
+
+@pytest.mark.parametrize("value", ["1", "true", "ON", "yes"])
+def test_opt_in_values_enable_the_tuning(value):
+    reason = alloc._why_not({"JAXFIT_MALLOC_TUNING": value})
+    assert reason is None or "backend had already started" in reason
 
 
 def test_other_preloaded_malloc_is_left_alone():
-    reason = alloc._why_not({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"})
+    reason = alloc._why_not({"JAXFIT_MALLOC_TUNING": "1",
+                             "LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"})
     assert reason is not None and "jemalloc is preloaded" in reason
 
 
 def test_non_cpu_platform_is_left_alone():
-    reason = alloc._why_not({"JAX_PLATFORMS": "cuda,cpu"})
+    reason = alloc._why_not({"JAXFIT_MALLOC_TUNING": "1", "JAX_PLATFORMS": "cuda,cpu"})
     assert reason is not None and "targets the CPU backend" in reason
 
 
 @pytest.mark.multiprocess
 @linux_only
-def test_import_applies_the_tuning_and_the_env_var_opts_out():
-    assert _python(_STATUS)["applied"] is True
-    off = _python(_STATUS, JAXFIT_MALLOC_TUNING="0")
-    assert off == {"applied": False, "reason": "disabled by JAXFIT_MALLOC_TUNING=0"}
+def test_import_applies_the_tuning_only_when_opted_in():
+    assert _python(_STATUS) == {"applied": False,
+                                "reason": "off (opt in with JAXFIT_MALLOC_TUNING=1)"}
+    assert _python(_STATUS, JAXFIT_MALLOC_TUNING="1")["applied"] is True
 
 
 @pytest.mark.multiprocess
 @linux_only
 def test_tuning_is_skipped_once_the_backend_has_started():
-    late = _python("import jax.numpy as jnp; jnp.ones(2).block_until_ready();" + _STATUS)
+    late = _python("import jax.numpy as jnp; jnp.ones(2).block_until_ready();" + _STATUS,
+                   JAXFIT_MALLOC_TUNING="1")
     assert late["applied"] is False
     assert "backend had already started" in late["reason"]
 
@@ -86,8 +94,8 @@ print(json.dumps({"faults": sum(faults[1:])}))
 @pytest.mark.multiprocess
 @linux_only
 def test_tuned_allocator_reuses_freed_scratch_pages():
-    untuned = _python(_FAULTS, TUNE="0")["faults"]
-    tuned = _python(_FAULTS, TUNE="1")["faults"]
+    untuned = _python(_FAULTS, TUNE="1", JAXFIT_MALLOC_TUNING="0")["faults"]
+    tuned = _python(_FAULTS, TUNE="1", JAXFIT_MALLOC_TUNING="1")["faults"]
     # glibc's default maps and unmaps each 100 MB block (~25,000 faults per repeat);
     # tuned, the freed block stays in the heap and the repeats touch mapped pages.
     assert untuned > 4 * 20_000
