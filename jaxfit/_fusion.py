@@ -4,7 +4,8 @@ whichever this machine runs faster for this model.
 Fusing ``k`` steps in one ``lax.scan`` saves ``k - 1`` dispatches (~1.5x on a model whose step
 takes ~0.1 ms), but XLA:CPU runs some ops slower inside a loop: convolutions 25-50x (those
 steps are unrolled, see ``steps.auto_unroll``), large matmuls measurably. So when
-``scan_unroll="auto"`` keeps the scan rolled, the first executions of a fit are timed both ways (each way once to compile, then twice more, waiting
+``scan_unroll="auto"`` keeps the scan rolled, the first executions of a fit are timed both
+ways (each way once to compile, then twice more, waiting
 for the device around each), and the rest of the fit uses the faster way. The results of
 both ways are identical: the same step runs on the same batches in the same order.
 """

@@ -444,7 +444,9 @@ class Trainer:
         # Fused or single steps, timed on the first executions of each fit (see _fusion).
         self._fusion = FusionChooser(
             lambda mode: self.fit_config.__setitem__("execution", mode),
-            measure=lambda: self.scan_unroll == "auto" and self.fit_config.get("scan_unroll") == 1)
+            # "auto" chose a rolled scan: 1, not True (an unrolled convolution step).
+            measure=lambda: (self.scan_unroll == "auto"
+                             and self.fit_config.get("scan_unroll") is not True))
         while self._epochs_completed < epochs and not self.stop_training:
             epoch = self._epochs_completed + 1
             self._epoch_under_way = epoch

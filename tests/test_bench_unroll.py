@@ -140,3 +140,11 @@ def test_explicit_scan_unroll_keeps_executions_fused(data):
     trainer = Trainer(optimizer=optax.sgd(0.1), steps_per_execution=2, scan_unroll=1)
     trainer.fit(nn.Dense(3), data, epochs=1, batch_size=4)
     assert trainer.fit_config["execution"] == "fused"
+
+
+def test_an_unrolled_convolution_step_stays_fused():
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 5, 5, 1), dtype=np.float32)
+    trainer = _fit(TinyCNN(), x, np.arange(8) % 3)
+    assert trainer.fit_config["scan_unroll"] is True
+    assert trainer.fit_config["execution"] == "fused"
