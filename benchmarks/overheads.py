@@ -118,7 +118,8 @@ def all_builtin_callbacks(w, epochs: int, workdir: str) -> list:
 
     made = []
     factories = {
-        "LRScheduler": lambda c: c(optax.cosine_decay_schedule(w.learning_rate, epochs * w.batches)),
+        "LRScheduler": lambda c: c(
+            optax.cosine_decay_schedule(w.learning_rate, epochs * w.batches)),
         "ReduceOnPlateau": lambda c: c(monitor="loss", patience=100),
         "EarlyStopping": lambda c: c(monitor="loss", patience=100),
         "ModelCheckpoint": lambda c: c(os.path.join(workdir, "run")),
@@ -263,7 +264,8 @@ def _table(rows, reps: int) -> str:
             f"| {_med([r['first_step_s'] for r in ok['resume']])} |"
         )
     for _, runs in rows[:1]:
-        names = next((r.get("all_builtin_callbacks") for r in runs["gap"] if "error" not in r), None)
+        names = next((r.get("all_builtin_callbacks") for r in runs["gap"] if "error" not in r),
+                     None)
         if names:
             lines += ["", "All built-ins: " + ", ".join(names) + " (and History)."]
     if errors:

@@ -27,7 +27,8 @@ def test_ratios_are_taken_against_a_of_the_same_repetition():
 
 
 def test_table_shows_median_and_range_and_names_skipped_and_failed_runs():
-    results = [_r("A", r, 100) for r in range(3)] + [_r("X", r, v) for r, v in enumerate([80, 90, 120])]
+    results = [_r("A", r, 100) for r in range(3)]
+    results += [_r("X", r, v) for r, v in enumerate([80, 90, 120])]
     errors = [{"contender": "Y", "workload": "W1", "rep": 0, "error": "exit 1: boom"}]
     text = markdown(summarize(results + errors), [("A", "A hand loop"), ("X", "X thing")],
                     ["W1", "W2"], {("X", "W2"): "too slow"}, errors)

@@ -29,14 +29,16 @@ def test_epoch_gap_spans_last_step_done_to_next_first_dispatch(monkeypatch):
 
 def test_table_reports_medians_ratio_and_failures():
     runs = {
-        "checkpoint": [{"background": 0.002, "inline": 0.040}, {"background": 0.004, "inline": 0.040}],
-        "gap": [{"history_only": 0.001, "all_builtin": 0.003, "all_builtin_callbacks": ["CSVLogger"]}],
+        "checkpoint": [{"background": 0.002, "inline": 0.040},
+                       {"background": 0.004, "inline": 0.040}],
+        "gap": [{"history_only": 0.001, "all_builtin": 0.003,
+                 "all_builtin_callbacks": ["CSVLogger"]}],
         "fresh": [{"first_step_s": 2.0}],
         "resume": [{"error": "exit 1: boom"}],
     }
     text = overheads._table([("W1", runs)], reps=2)
-    assert "| W1 | 3.0 (2.0–4.0) | 40.0 (40.0–40.0) | 0.075 | 1.0 (1.0–1.0) | 3.0 (3.0–3.0) " \
-           "| 2000.0 (2000.0–2000.0) | – |" in text
+    assert ("| W1 | 3.0 (2.0–4.0) | 40.0 (40.0–40.0) | 0.075 | 1.0 (1.0–1.0) "
+            "| 3.0 (3.0–3.0) | 2000.0 (2000.0–2000.0) | – |") in text
     assert "All built-ins: CSVLogger (and History)." in text
     assert "- W1 resume: exit 1: boom" in text
 
