@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
 from jaxfit.callback import Callback
@@ -150,6 +151,10 @@ class ModelCheckpoint(Callback):
         if self.monitor is not None:
             trainer.check_monitor(self.monitor, self)
         self.stats = SaveStats()
+        if jax.process_index() != 0:
+            # Multi-host data parallelism: the state is replicated, one process writes it.
+            self._writer = None
+            return
         self._writer = RunWriter(self.directory, keep_last=self.keep_last,
                                  keep_best=self.keep_best, monitor=self.monitor,
                                  mode=self._mode, background=self.background)
@@ -165,6 +170,8 @@ class ModelCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         step = trainer.step
+        if self._writer is None:
+            return
         if self.every_n_steps is not None and (
                 step // self.every_n_steps > self._saved_at[0] // self.every_n_steps):
             self._save(trainer, "step")
@@ -174,7 +181,7 @@ class ModelCheckpoint(Callback):
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         self._last_logs = dict(logs)
-        if self.every_n_epochs is not None and trainer.epoch % self.every_n_epochs == 0:
+        if self._writer is not None and self.every_n_epochs is not None and trainer.epoch % self.every_n_epochs == 0:
             self._save(trainer, "epoch")
 
     def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
@@ -198,9 +205,14 @@ class ModelCheckpoint(Callback):
 
     # ------------------------------------------------------------------ saving
     def _save(self, trainer: Trainer, reason: str) -> None:
+        # Steps are dispatched ahead of the device: wait for the ones under way first and
+        # account for that wait separately (the device was busy with training, not saving).
         start = time.perf_counter()
+        jax.block_until_ready(trainer.state)
+        copied = time.perf_counter()
+        self.stats.device_wait.append(copied - start)
         state = _owned_copy(trainer.state_dict())
-        copy_seconds = time.perf_counter() - start
+        copy_seconds = time.perf_counter() - copied
         step, batch = int(state["step"]), int(state["batch_in_epoch"])
         # Epoch logs describe this state only at an epoch boundary.
         metrics = self._last_logs if batch == 0 else {}

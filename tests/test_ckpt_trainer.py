@@ -282,3 +282,10 @@ def test_resumed_fit_keeps_the_runs_fit_arguments(tmp_path, data):
     for key, values in full_history.history.items():  # NaN for epochs without validation
         assert np.asarray(history[key]).tobytes() == np.asarray(values).tobytes()
     assert _same_tree(loaded.params, full.params)
+
+
+def test_only_process_zero_writes(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    make_trainer().fit(MLP(), data, epochs=2, batch_size=16,
+                       callbacks=[ModelCheckpoint(tmp_path / "run", every_n_steps=3)])
+    assert not (tmp_path / "run").exists()

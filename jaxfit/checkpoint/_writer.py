@@ -29,9 +29,15 @@ class SaveStats:
       write: how long serializing and writing each checkpoint took (in the background when
         asynchronous).
       nbytes: size of each state file.
+      copy: the part of ``blocking`` spent copying the state to host memory (the rest is
+        waiting for the previous write, and the write itself when not in the background).
+      device_wait: before each save, how long the steps already dispatched took to finish
+        (the state must be computed before it can be copied; not counted in ``blocking``).
     """
 
     blocking: list[float] = field(default_factory=list)
+    copy: list[float] = field(default_factory=list)
+    device_wait: list[float] = field(default_factory=list)
     write: list[float] = field(default_factory=list)
     nbytes: list[int] = field(default_factory=list)
 
@@ -142,6 +148,7 @@ class RunWriter:
             self._run(job)
             self._raise_pending()
         self.stats.blocking.append(copy_seconds + time.perf_counter() - start)
+        self.stats.copy.append(copy_seconds)
 
     def _run(self, job: dict) -> None:
         began = time.perf_counter()
