@@ -107,6 +107,13 @@ def test_newer_format_version_is_refused_with_upgrade_hint(tmp_path):
         read_checkpoint(path)
 
 
+def test_a_checkpoint_file_stands_for_its_checkpoint(tmp_path):
+    path = _write(tmp_path, 1, 10)
+    assert read_checkpoint(path / "state.msgpack")[0] == path
+    with pytest.raises(CheckpointError, match=r"latest is a file; pass a run directory"):
+        read_checkpoint(tmp_path / "latest")
+
+
 def test_missing_path_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint or run directory"):
         read_checkpoint(tmp_path / "nope")

@@ -49,6 +49,8 @@ def read_checkpoint(path: str | Path, *,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint or run directory at {path}")
+    if path.is_file() and path.name in (_manifest.STATE_FILE, _manifest.MANIFEST_FILE):
+        path = path.parent  # a file of a checkpoint stands for the checkpoint
     if not path.is_dir():
         raise CheckpointError(
             f"{path} is a file; pass a run directory or a checkpoint directory "
