@@ -231,4 +231,10 @@ def _like(old: jax.Array, value: Any, what: str) -> jax.Array:
         raise HyperparamError(f"{what} must be a number, got {value!r}") from e
     if arr.shape != ():
         raise HyperparamError(f"{what} must be a scalar, got shape {arr.shape}")
-    return jax.device_put(arr, old.sharding)
+    return place_like(arr, old)
+
+
+def place_like(arr: Any, old: jax.Array) -> jax.Array:
+    """``arr`` on ``old``'s device(s), committed only if ``old`` is: jit keys its cache on
+    commitment, so a committed copy of an uncommitted leaf would recompile the step."""
+    return jax.device_put(arr, old.sharding) if old.committed else jax.device_put(arr)

@@ -19,7 +19,7 @@ from jaxfit.callback import Callback, CallbackList
 from jaxfit.data import Execution, make_source
 from jaxfit.errors import ConfigError, DataError, MonitorError, Preempted, ShapeError
 from jaxfit.history import History
-from jaxfit.hyperparams import HyperParams, HyperparamSlot, find_slots
+from jaxfit.hyperparams import HyperParams, HyperparamSlot, find_slots, place_like
 from jaxfit.losses import LOSSES
 from jaxfit.metrics import resolve_metric
 from jaxfit.models import ModelAdapter
@@ -50,6 +50,13 @@ class Trainer:
             the rest).
         handle_signals: while ``fit`` runs, turn SIGTERM / SIGINT into a clean stop that
             checkpoints (see ``fit``).
+        mesh: a ``jax.sharding.Mesh`` for data-parallel training: the training state is
+            replicated on every device and each batch is split along ``data_axis`` (the
+            batch size must divide evenly). With several processes
+            (``jax.distributed.initialize()`` first), every process runs the same ``fit``
+            on the same data and feeds its own devices their rows of each global batch.
+            ``None`` runs on the default device.
+        data_axis: the mesh axis that batches are split along.
 
     Example:
         >>> import numpy as np, optax, flax.linen as nn
@@ -74,6 +81,8 @@ class Trainer:
         input_keys: Sequence[str] | None = None,
         target_keys: Sequence[str] | None = None,
         handle_signals: bool = True,
+        mesh: jax.sharding.Mesh | None = None,
+        data_axis: str = "data",
     ) -> None:
         if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
             raise ConfigError(
@@ -94,6 +103,15 @@ class Trainer:
         self.scan_unroll = scan_unroll
         self.input_keys, self.target_keys = input_keys, target_keys
         self.handle_signals = handle_signals
+        if mesh is not None and data_axis not in mesh.axis_names:
+            raise ConfigError(f"data_axis {data_axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
+        if mesh is not None:
+            # jax.make_mesh defaults to Explicit axes, under which flax layers (dropout's
+            # select, for one) reject mixed shardings. The trainer places every array itself,
+            # so it uses the mesh's devices with Auto axes and lets XLA propagate shardings.
+            auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+            mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+        self.mesh, self.data_axis = mesh, data_axis
         self.loss_name, self._loss_fn = resolve(loss, LOSSES, "loss")
         self._metric_fns: dict[str, Callable] = {}
         for spec in self.metrics:
@@ -158,7 +176,7 @@ class Trainer:
         current = self.state.params
         if jax.tree_util.tree_structure(value) != jax.tree_util.tree_structure(current):
             raise ShapeError("new params must have the same tree structure as trainer.params")
-        placed = jax.tree_util.tree_map(lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding), value, current)
+        placed = jax.tree_util.tree_map(lambda new, old: place_like(np.asarray(new, old.dtype), old), value, current)
         self._state = self.state.replace(params=placed)
 
     @property
@@ -168,7 +186,7 @@ class Trainer:
     @model_state.setter
     def model_state(self, value: Any) -> None:
         current = self.state.model_state
-        placed = jax.tree_util.tree_map(lambda new, old: jax.device_put(np.asarray(new, old.dtype), old.sharding), value, current)
+        placed = jax.tree_util.tree_map(lambda new, old: place_like(np.asarray(new, old.dtype), old), value, current)
         self._state = self.state.replace(model_state=placed)
 
     @property
@@ -190,13 +208,48 @@ class Trainer:
         self._slots = find_slots(opt_state)
         self._input_spec = jax.tree_util.tree_map(lambda a: (tuple(a.shape), str(a.dtype)), x)
         scales = {n: jnp.ones((), jnp.float32) for n in self._slots}
-        self._state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                                 opt_state=opt_state, hp_scales=scales, metrics=zero_metrics(list(self._metric_fns)))
+        self._state = self._place_state(TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=opt_state,
+            hp_scales=scales, metrics=zero_metrics(list(self._metric_fns))))
         self._step, self._epochs_completed, self.batch_in_epoch = 0, 0, 0
         self._builder = StepBuilder(self._adapter, self.optimizer, self._loss_fn, self._metric_fns,
                                     jax.random.fold_in(key, 1))
         self._compiled.clear()
         self._masks.clear()
+
+    # ---------------------------------------------------------- placement
+    def _place_state(self, state: Any) -> Any:
+        """Replicate the state over the mesh; without a mesh, leave placement to jax."""
+        if self.mesh is None:
+            return state
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
+
+    def _place_batch(self, tree: Any, stacked: bool) -> Any:
+        """Split a batch along the data axis of the mesh (a no-op without a mesh)."""
+        if self.mesh is None or tree is None:
+            return tree
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        spec = PartitionSpec(None, self.data_axis) if stacked else PartitionSpec(self.data_axis)
+        sharding = NamedSharding(self.mesh, spec)
+        if jax.process_count() > 1:
+            # Every process holds the same global batch (same data, seed and order); each
+            # one hands its own devices their rows, whatever the mesh's device layout.
+            return jax.tree_util.tree_map(
+                lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx]), tree)
+        return jax.device_put(tree, sharding)
+
+    def _check_divisible(self, batch: int) -> None:
+        if self.mesh is None:
+            return
+        n = self.mesh.shape[self.data_axis]
+        if batch % n:
+            raise ConfigError(
+                f"batch size {batch} does not split evenly over the {n} devices of mesh axis "
+                f"{self.data_axis!r}: use a multiple of {n}"
+            )
 
     def _set_model(self, model: Any) -> None:
         self._model = model
@@ -272,7 +325,7 @@ class Trainer:
             batch = ex.rows
             rows = [np.arange(batch) < n for n in ex.n_valid]
             arr = np.asarray(rows[0] if len(rows) == 1 else np.stack(rows), np.float32)
-            m = self._masks[key] = jax.device_put(arr)
+            m = self._masks[key] = self._place_batch(arr, arr.ndim == 2) if self.mesh is not None else jax.device_put(arr)
         return m
 
     # ------------------------------------------------------------------ fit
@@ -335,6 +388,9 @@ class Trainer:
             val = make_source(args["validation_data"], batch_size=args.get("validation_batch_size") or args.get("batch_size"),
                               shuffle=False, seed=self.seed, what="validation data", **keys)
         x0, y0 = train.example()
+        self._check_divisible(jax.tree_util.tree_leaves(x0)[0].shape[0])
+        if val is not None:
+            self._check_divisible(jax.tree_util.tree_leaves(val.example()[0])[0].shape[0])
         if self._state is None:
             self._init_state(x0)
         self._check_shapes(x0, y0)
@@ -381,7 +437,8 @@ class Trainer:
             for ex in train.executions(epoch, self.batch_in_epoch, k_exec):
                 if has_start:
                     cbs.call("on_train_batch_start", self)
-                self._state, loss = steps[ex.k](self._state, ex.x, ex.y, self._mask(ex))
+                x, y = (ex.x, ex.y) if self.mesh is None else self._place_batch((ex.x, ex.y), ex.k > 1)
+                self._state, loss = steps[ex.k](self._state, x, y, self._mask(ex))
                 self._step += ex.k
                 self.batch_in_epoch += ex.k
                 if has_end:
@@ -408,7 +465,7 @@ class Trainer:
         self.callbacks.call("on_epoch_end", self, logs)
 
     def _reset_metrics(self) -> None:
-        self._state = self.state.replace(metrics=zero_metrics(list(self._metric_fns)))
+        self._state = self.state.replace(metrics=self._place_state(zero_metrics(list(self._metric_fns))))
 
     def _fetch_metrics(self, acc: dict) -> dict[str, float]:
         host = jax.device_get(acc)
@@ -443,9 +500,10 @@ class Trainer:
     def _evaluate_source(self, source: Any) -> dict[str, float]:
         state = self.state
         step = self._eval_fn()
-        acc = zero_metrics(list(self._metric_fns))
+        acc = self._place_state(zero_metrics(list(self._metric_fns)))
         for ex in source.executions(0, 0, 1):
-            acc = step(state.params, state.model_state, acc, ex.x, ex.y, self._mask(ex))
+            x, y = (ex.x, ex.y) if self.mesh is None else self._place_batch((ex.x, ex.y), False)
+            acc = step(state.params, state.model_state, acc, x, y, self._mask(ex))
         return self._fetch_metrics(acc)
 
     def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
@@ -453,7 +511,9 @@ class Trainer:
         src = make_source(data, batch_size=batch_size or self._fit_args.get("batch_size"), shuffle=False,
                           seed=self.seed, what="evaluation data", input_keys=self.input_keys,
                           target_keys=self.target_keys)
-        self._check_shapes(*src.example())
+        x0, y0 = src.example()
+        self._check_divisible(jax.tree_util.tree_leaves(x0)[0].shape[0])
+        self._check_shapes(x0, y0)
         return self._evaluate_source(src)
 
     def predict(self, x: Any, *, batch_size: int | None = None) -> Any:
@@ -461,6 +521,7 @@ class Trainer:
         src = make_source(x, batch_size=batch_size or self._fit_args.get("batch_size"), shuffle=False,
                           seed=self.seed, what="prediction data", input_keys=self.input_keys,
                           target_keys=self.target_keys, need_targets=False)
+        self._check_divisible(jax.tree_util.tree_leaves(src.example()[0])[0].shape[0])
         fn = self._compiled.get("predict")
         if fn is None:
             step = self._builder.predict_step() if self._state is not None else None
@@ -473,7 +534,8 @@ class Trainer:
 
             fn = self._compiled["predict"] = jax.jit(counted)
         state = self.state
-        outs = [(fn(state.params, state.model_state, ex.x), ex.n_valid[0]) for ex in src.executions(0, 0, 1)]
+        outs = [(fn(state.params, state.model_state, self._place_batch(ex.x, False)), ex.n_valid[0])
+                for ex in src.executions(0, 0, 1)]
         host = jax.device_get([o for o, _ in outs])
         parts = [jax.tree_util.tree_map(lambda a, n=n: a[:n], h) for h, (_, n) in zip(host, outs)]
         return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)
@@ -511,7 +573,7 @@ class Trainer:
         self._init_state(jax.tree_util.tree_map(lambda s: jnp.zeros(s[0], s[1]), spec, is_leaf=_is_spec))
         restored = _tree.from_dict(self.state, sd["train_state"], "train_state")
         # Fresh device buffers, so the first resumed step can donate them.
-        self._state = jax.tree_util.tree_map(lambda a: jax.device_put(a), restored)
+        self._state = self._place_state(jax.tree_util.tree_map(lambda a: jax.device_put(a), restored))
         self._step, self._epochs_completed = int(sd["step"]), int(sd["epoch"])
         self.batch_in_epoch = int(sd["batch_in_epoch"])
         self.stop_reason = sd.get("stop_reason")
@@ -524,16 +586,20 @@ class Trainer:
             "trainer": dict(optimizer=self.optimizer, loss=self.loss, metrics=self.metrics, seed=self.seed,
                             steps_per_execution=self.steps_per_execution, scan_unroll=self.scan_unroll,
                             input_keys=self.input_keys, target_keys=self.target_keys,
-                            handle_signals=self.handle_signals),
+                            handle_signals=self.handle_signals, data_axis=self.data_axis),
             "model": self._model,
             "callbacks": list(self._user_callbacks),
             "fit": dict(self._fit_args),
         }
 
     @classmethod
-    def from_recipe(cls, recipe: dict[str, Any]) -> Trainer:
-        """A trainer with the model, callbacks and fit arguments of ``recipe``, no state yet."""
-        trainer = cls(**recipe["trainer"])
+    def from_recipe(cls, recipe: dict[str, Any], **overrides: Any) -> Trainer:
+        """A trainer with the model, callbacks and fit arguments of ``recipe``, no state yet.
+
+        ``overrides`` replace constructor arguments, e.g. ``mesh=`` (a mesh names this
+        machine's devices, so it is never part of a recipe).
+        """
+        trainer = cls(**{**recipe["trainer"], **overrides})
         trainer._set_model(recipe["model"])
         trainer._user_callbacks = list(recipe.get("callbacks", []))
         trainer._fit_args = dict(recipe.get("fit", {}))

@@ -1,0 +1,208 @@
+"""RichProgress: a live progress display with rich, or one plain line per epoch."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+import jax
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from jaxfit.callback import Callback
+from jaxfit.errors import ConfigError
+
+from . import _progress_format as fmt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from jaxfit.trainer import Trainer
+
+
+class RichProgress(Callback):
+    """Shows training progress: a live bar on a terminal, one line per epoch elsewhere.
+
+    On a terminal (``console.is_terminal``): ``Epoch k/N``, a step bar, steps/s and
+    samples/s, the epoch's ETA, and the epoch-so-far loss, metrics and learning rate,
+    refreshed ``refresh_per_second`` times a second; above it, a table row per epoch (train
+    and validation metrics, hyperparameters, time, throughput) and a closing summary.
+    Elsewhere (CI logs, a file, a pipe) it prints one plain line per epoch and the summary.
+
+    What it costs: per step, one clock read. Values are fetched from the device only at a
+    refresh (``trainer.running_logs()``, one sync a few times a second) and at epoch ends,
+    never per step. Throughput and ETA leave compilation out: the clock of the first epoch
+    starts when the first execution has finished (the only step this callback waits for),
+    later epochs start their clock at the epoch start, and validation is not counted as
+    training time. The summary reports the first step's time, compilation included,
+    separately.
+
+    Args:
+        refresh_per_second: live display refresh rate (values are fetched at this rate).
+        console: the ``rich.console.Console`` to print to (default: a new one on stdout).
+        live: force the live display (True) or plain lines (False); by default, live when
+            the console is a terminal.
+        hyperparams: injected hyperparameters to show, when the optimizer has them.
+
+    Example:
+        >>> from jaxfit.callbacks import RichProgress
+        >>> progress = RichProgress(refresh_per_second=2)
+    """
+
+    order = 200
+
+    def __init__(
+        self,
+        refresh_per_second: float = 4.0,
+        console: Console | None = None,
+        live: bool | None = None,
+        hyperparams: Sequence[str] = ("learning_rate",),
+    ) -> None:
+        if isinstance(refresh_per_second, bool) or not isinstance(refresh_per_second, (int, float)) \
+                or not 0 < refresh_per_second <= 60:
+            raise ConfigError(
+                f"RichProgress: refresh_per_second must be in (0, 60], got {refresh_per_second!r}"
+            )
+        if console is not None and not isinstance(console, Console):
+            raise ConfigError(f"RichProgress: console must be a rich Console, got {type(console).__name__}")
+        self.refresh_per_second = float(refresh_per_second)
+        self.console = console
+        self.live = live
+        self.hyperparams = [hyperparams] if isinstance(hyperparams, str) else list(hyperparams)
+        self._progress: Progress | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # rich objects hold locks and a refresh thread: they cannot be pickled (Trainer.load
+        # pickles the callbacks). An unpickled RichProgress prints to a new default Console.
+        state = self.__dict__.copy()
+        state["console"] = None
+        state["_progress"] = None
+        return state
+
+    # ---------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if self.console is None:
+            self.console = Console()
+        self._is_live = self.console.is_terminal if self.live is None else bool(self.live)
+        self._hp = [n for n in self.hyperparams if n in trainer.hyperparams.names]
+        config = trainer.fit_config
+        self._epochs, self._batch = config.get("epochs"), config.get("batch_size")
+        self._per_epoch = config.get("steps_per_epoch")
+        self._fit_t0 = time.perf_counter()
+        self._first_step: float | None = None  # seconds to the first execution's end
+        self._clock: tuple[float, int] | None = None  # (time, step) the epoch's clock started
+        self._train_end: float | None = None
+        self._train_s, self._train_steps = 0.0, 0
+        self._columns: list[str] | None = None
+        self._last: dict[str, Any] = {}
+        self._next_refresh = 0.0
+        if self._is_live:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[speed]}"),
+                TextColumn("ETA {task.fields[eta]}"),
+                TextColumn("{task.fields[values]}"),
+                console=self.console,
+                refresh_per_second=self.refresh_per_second,
+                transient=True,
+            )
+            self._task = self._progress.add_task("", total=self._per_epoch, speed="", eta="?", values="")
+            self._progress.start()
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        self._epoch_t0 = time.perf_counter()
+        self._epoch_step0 = trainer.step - trainer.batch_in_epoch
+        self._train_end = None
+        # After the first execution nothing compiles at an epoch start: the device is idle
+        # (the previous epoch's metrics were fetched), so the clock can start now.
+        self._clock = (self._epoch_t0, trainer.step) if self._first_step is not None else None
+        if self._progress is not None:
+            self._progress.reset(
+                self._task, total=self._per_epoch, completed=trainer.batch_in_epoch,
+                description=f"Epoch {trainer.epoch}/{self._epochs}", speed="", eta="?", values="",
+            )
+
+    def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        if self._clock is None:
+            # The first execution of the fit: compiled during dispatch, maybe still running.
+            # Wait for it once so that compilation stays out of every rate and ETA.
+            jax.block_until_ready(logs["loss"])
+            now = time.perf_counter()
+            if self._first_step is None:
+                self._first_step = now - self._fit_t0
+            self._clock = (now, trainer.step)
+            return
+        if self._progress is None:
+            return
+        now = time.perf_counter()
+        if now < self._next_refresh:
+            return
+        self._next_refresh = now + 1.0 / self.refresh_per_second
+        self._refresh(trainer)
+
+    def on_validation_start(self, trainer: Trainer) -> None:
+        self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        speed = self._close_epoch_clock(trainer, self._train_end or now)
+        shown = dict(logs)
+        for name in self._hp:
+            if name not in shown:
+                shown[name] = trainer.hyperparams[name]
+        self._last = shown
+        seconds = now - self._epoch_t0
+        if self._progress is None:
+            line = fmt.epoch_line(trainer.epoch, self._epochs, shown, seconds, speed, self._batch)
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+            return
+        self._progress.update(self._task, completed=trainer.step - self._epoch_step0)
+        header = self._columns is None
+        if header:
+            self._columns = ["epoch", *shown, "time", "steps/s"]
+        row = {k: fmt.number(v) for k, v in shown.items()}
+        row.update(epoch=f"{trainer.epoch}/{self._epochs}", time=fmt.duration(seconds))
+        row["steps/s"] = "-" if speed is None else f"{speed:.1f}"
+        self._progress.console.print(fmt.epoch_table(self._columns, row, header))
+
+    def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self.console is None:  # on_fit_start never ran
+            return
+        wall = time.perf_counter() - self._fit_t0
+        mean = self._train_steps / self._train_s if self._train_s > 0 else None
+        text = fmt.summary(trainer.epoch, trainer.step, wall, self._first_step, mean, self._batch,
+                           logs.get("stop_reason"), self._last)
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    # -------------------------------------------------------------- helpers
+    def _close_epoch_clock(self, trainer: Trainer, end: float) -> float | None:
+        if self._clock is None:
+            return None
+        t0, step0 = self._clock
+        steps, seconds = trainer.step - step0, end - t0
+        self._clock = None
+        if steps <= 0 or seconds <= 0:
+            return None
+        self._train_s += seconds
+        self._train_steps += steps
+        return steps / seconds
+
+    def _refresh(self, trainer: Trainer) -> None:
+        """Fetch the epoch-so-far values (one device sync) and update the live bar."""
+        assert self._progress is not None and self._clock is not None
+        shown: dict[str, Any] = dict(trainer.running_logs())
+        for name in self._hp:
+            shown[name] = trainer.hyperparams[name]
+        now = time.perf_counter()  # after the sync: the device has caught up with the host
+        t0, step0 = self._clock
+        speed = (trainer.step - step0) / (now - t0) if now > t0 and trainer.step > step0 else None
+        eta = None
+        if speed and self._per_epoch:
+            eta = (self._per_epoch - trainer.batch_in_epoch) / speed
+        self._progress.update(
+            self._task, completed=trainer.batch_in_epoch, speed=fmt.rates(speed, self._batch),
+            eta=fmt.duration(eta), values=fmt.values(shown),
+        )
