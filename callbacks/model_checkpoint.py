@@ -13,22 +13,16 @@ import numpy as np
 
 from jaxfit.callback import Callback
 from jaxfit.checkpoint._recipe import DEFAULT_MAX_DATA_BYTES, pack_recipe
-from jaxfit.checkpoint._retention import resolve_mode
 from jaxfit.checkpoint._writer import RunWriter, SaveStats
 from jaxfit.errors import ConfigError
+
+from ._checks import check_count, check_every, check_number
+from ._monitor import MODES, infer_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.trainer import Trainer
 
 _SIGNAL_STOPS = ("preempted", "interrupted")
-
-
-def _check_count(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        none = " or None" if allow_none else ""
-        raise ConfigError(f"{name} must be an int >= {minimum}{none}, got {name} = {value!r}")
 
 
 def _owned_copy(tree: Any) -> Any:
@@ -105,23 +99,26 @@ class ModelCheckpoint(Callback):
                  every_n_steps: int | None = None, every_n_seconds: float | None = None,
                  keep_last: int | None = 3, keep_best: int | None = 1, *,
                  max_data_bytes: int = DEFAULT_MAX_DATA_BYTES, background: bool = True) -> None:
+        owner = type(self).__name__
         if not isinstance(directory, (str, os.PathLike)):
-            raise ConfigError(f"directory must be a path, got {type(directory).__name__}")
-        if monitor is not None and not isinstance(monitor, str):
-            raise ConfigError(f"monitor must be a log name such as 'val_loss', got {monitor!r}")
-        _check_count("every_n_epochs", every_n_epochs, 1)
-        _check_count("every_n_steps", every_n_steps, 1)
-        _check_count("keep_last", keep_last, 1)
-        _check_count("keep_best", keep_best, 0)
-        _check_count("max_data_bytes", max_data_bytes, 0, allow_none=False)
-        if every_n_seconds is not None and (isinstance(every_n_seconds, bool) or not isinstance(
-                every_n_seconds, (int, float)) or not every_n_seconds > 0):
-            raise ConfigError(f"every_n_seconds must be a positive number or None, "
-                              f"got every_n_seconds = {every_n_seconds!r}")
-        try:
-            self._mode = resolve_mode(monitor, mode)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(f"{owner}: directory must be a path, got {type(directory).__name__}")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ConfigError(f"{owner}: monitor must be a log key such as 'val_loss' or None, "
+                              f"got {monitor!r}")
+        if mode not in MODES:
+            raise ConfigError(f"{owner}: mode must be one of {MODES}, got mode = {mode!r}")
+        check_every(owner, "every_n_epochs", every_n_epochs)
+        check_every(owner, "every_n_steps", every_n_steps)
+        if keep_last is not None:
+            check_count(owner, "keep_last", keep_last, minimum=1)
+        if keep_best is not None:
+            check_count(owner, "keep_best", keep_best)
+        check_count(owner, "max_data_bytes", max_data_bytes)
+        if every_n_seconds is not None and check_number(owner, "every_n_seconds",
+                                                        every_n_seconds) == 0:
+            raise ConfigError(f"{owner}: every_n_seconds must be positive or None, got 0")
+        # The retention order of checkpoints; None when nothing is monitored.
+        self._mode = None if monitor is None else infer_mode(monitor) if mode == "auto" else mode
         self.directory = Path(directory)
         self.monitor, self.mode = monitor, mode
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps

@@ -16,7 +16,7 @@ from jaxfit.checkpoint import (
     write_checkpoint,
 )
 from jaxfit.checkpoint import _io, _manifest
-from jaxfit.checkpoint._retention import Entry, resolve_mode, select_keep
+from jaxfit.checkpoint._retention import Entry, select_keep
 
 
 def _state(step):
@@ -152,17 +152,6 @@ def test_retention_table(keep_last, keep_best, mode, kept):
 def test_retention_ties_keep_the_earlier_checkpoint():
     entries = [Entry("a", 1, 0.5), Entry("b", 2, 0.5), Entry("c", 3, 0.9)]
     assert select_keep(entries, keep_last=1, keep_best=1, mode="min") == {"a", "c"}
-
-
-@pytest.mark.parametrize("monitor, mode", [("val_accuracy", "max"), ("val_loss", "min"),
-                                           ("val_auc", "max"), ("loss", "min")])
-def test_auto_mode(monitor, mode):
-    assert resolve_mode(monitor, "auto") == mode
-
-
-def test_bad_mode_is_explained():
-    with pytest.raises(ValueError, match=r"mode must be 'auto', 'min' or 'max', got mode = 'up'"):
-        resolve_mode("loss", "up")
 
 
 def test_run_writer_applies_retention_and_keeps_unreadable_ones(tmp_path):

@@ -34,16 +34,24 @@ def _same_tree(a, b):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(keep_last=0), r"keep_last must be an int >= 1 or None, got keep_last = 0"),
-    (dict(keep_best=-1), r"keep_best must be an int >= 0 or None"),
-    (dict(every_n_steps=0), r"every_n_steps must be an int >= 1 or None"),
-    (dict(every_n_seconds=0), r"every_n_seconds must be a positive number or None"),
-    (dict(mode="up"), r"mode must be 'auto', 'min' or 'max', got mode = 'up'"),
+    (dict(keep_last=0), r"ModelCheckpoint: keep_last must be an integer >= 1, got keep_last = 0"),
+    (dict(keep_best=-1), r"keep_best must be an integer >= 0"),
+    (dict(every_n_steps=0), r"every_n_steps must be an integer >= 1"),
+    (dict(every_n_seconds=0), r"every_n_seconds must be positive or None"),
+    (dict(every_n_seconds="1"), r"every_n_seconds must be a number >= 0"),
+    (dict(mode="up"), r"mode must be one of \('auto', 'min', 'max'\), got mode = 'up'"),
     (dict(monitor="val_thing"), r"cannot tell whether 'val_thing' should be minimised"),
+    (dict(monitor=3), r"monitor must be a log key such as 'val_loss' or None"),
 ])
 def test_bad_configuration_is_refused_at_construction(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ModelCheckpoint(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("monitor, mode", [("val_accuracy", "max"), ("val_loss", "min"),
+                                           ("top_5_accuracy", "max")])
+def test_auto_mode_follows_the_metric_name(tmp_path, monitor, mode):
+    assert ModelCheckpoint(tmp_path, monitor=monitor)._mode == mode
 
 
 def test_unknown_monitor_fails_before_training(tmp_path, data):
