@@ -173,7 +173,7 @@ def test_run_writer_applies_retention_and_keeps_unreadable_ones(tmp_path):
 def test_run_writer_surfaces_background_errors(tmp_path):
     writer = RunWriter(tmp_path, keep_last=2, keep_best=1, monitor=None, mode=None)
     writer.save({"x": object()}, step=1, epoch=1, batch_in_epoch=0, reason="epoch", metrics={})
-    with pytest.raises(RuntimeError, match="writing a checkpoint into .* failed: cannot store"):
+    with pytest.raises(CheckpointError, match="writing a checkpoint into .* failed: cannot store"):
         writer.wait()
     writer.wait()  # reported once
 

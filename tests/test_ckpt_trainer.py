@@ -297,3 +297,17 @@ def test_only_process_zero_writes(tmp_path, data, monkeypatch):
     make_trainer().fit(MLP(), data, epochs=2, batch_size=16,
                        callbacks=[ModelCheckpoint(tmp_path / "run", every_n_steps=3)])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_write_stops_fit_with_a_checkpoint_error(tmp_path, data, monkeypatch):
+    from jaxfit.checkpoint import CheckpointError, _msgpack
+
+    def disk_full(fileobj, tree):
+        raise OSError(28, "No space left on device")
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(_msgpack, "write_tree", disk_full)
+    with pytest.raises(CheckpointError, match=r"failed: \[Errno 28\] No space left on device"):
+        make_trainer().fit(MLP(), data, epochs=3, batch_size=16,
+                           callbacks=[ModelCheckpoint(run)])
+    assert not _names(run) and not [p for p in run.iterdir() if p.name.startswith(".tmp-")]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxfit.checkpoint import _io, _manifest, _msgpack, _retention
+from jaxfit.checkpoint._errors import CheckpointError
 from jaxfit.checkpoint._recipe import write_recipe
 
 
@@ -164,7 +165,10 @@ class RunWriter:
     def _raise_pending(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
-            raise RuntimeError(f"writing a checkpoint into {self.run_dir} failed: {err}") from err
+            raise CheckpointError(
+                f"writing a checkpoint into {self.run_dir} failed: {err} (every earlier "
+                "checkpoint is intact)"
+            ) from err
 
     def wait(self) -> None:
         """Blocks until the write under way (if any) is on disk; re-raises its error."""
