@@ -7,6 +7,9 @@ from jaxfit import Callback
 from jaxfit.callbacks import ModelCheckpoint
 from jaxfit.checkpoint import verify_resume
 
+# Each check trains the run several times (once whole, once per stop point).
+pytestmark = pytest.mark.slow
+
 
 def test_resume_matches_at_an_epoch_boundary_and_mid_epoch(data, tmp_path):
     x, y = data
