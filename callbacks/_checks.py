@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+
 from jaxfit.errors import ConfigError
+
+
+def primary_process() -> bool:
+    """True in the one process that writes logs and prints (process 0 of a multi-host run).
+
+    Every process runs every callback (decisions such as early stopping must agree), but a
+    file or a console shared by N processes would get N copies.
+    """
+    return jax.process_index() == 0
 
 
 def check_count(owner: str, name: str, value: Any, minimum: int = 0) -> int:

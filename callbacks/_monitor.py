@@ -64,7 +64,7 @@ class MonitorCallback(Callback):
         min_delta: the smallest change that counts as an improvement (absolute, >= 0).
 
     Example:
-        >>> from jaxfit.callbacks._monitor import MonitorCallback
+        >>> from jaxfit.callbacks import MonitorCallback
         >>> class BestTracker(MonitorCallback):
         ...     def on_epoch_end(self, trainer, logs):
         ...         if self.is_improvement(logs[self.monitor]):

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from jaxfit.callback import Callback
 from jaxfit.errors import ConfigError
 
+from ._checks import primary_process
+
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.trainer import Trainer
 
@@ -26,6 +28,8 @@ class CSVLogger(Callback):
     Files are never half-written: a row is appended and flushed, a rewrite goes to a
     temporary file that replaces the old one. Nothing is touched before the first epoch
     ends, so a fit that fails at start leaves an earlier log as it was.
+
+    In a multi-process run only process 0 writes.
 
     When a run continues (``Trainer.load(run).fit()`` after a crash), rows of epochs after
     the restored checkpoint are dropped first: those epochs are trained again and their
@@ -53,9 +57,13 @@ class CSVLogger(Callback):
         self._columns: list[str] = []
         self._rows: list[dict[str, str]] = []
         self._in_sync = False  # True when the file holds exactly _columns + _rows
+        self._active = True
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._columns, self._rows, self._in_sync = [], [], False
+        self._active = primary_process()
+        if not self._active:
+            return
         continuing = trainer.step > 0
         if (continuing or self.append) and os.path.exists(self.filename):
             self._columns, self._rows = self._read()
@@ -64,6 +72,8 @@ class CSVLogger(Callback):
                 self._rows = [r for r in self._rows if _epoch_of(r) <= done]
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        if not self._active:
+            return
         row = {"epoch": str(trainer.epoch)}
         for key, value in logs.items():
             text = _cell(value)

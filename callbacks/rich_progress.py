@@ -13,6 +13,7 @@ from jaxfit.callback import Callback
 from jaxfit.errors import ConfigError
 
 from . import _progress_format as fmt
+from ._checks import primary_process
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.trainer import Trainer
@@ -21,8 +22,9 @@ if TYPE_CHECKING:  # pragma: no cover
 class RichProgress(Callback):
     """Shows training progress: a live bar on a terminal, one line per epoch elsewhere.
 
-    On a terminal (``console.is_terminal``): ``Epoch k/N``, a step bar, steps/s and
-    samples/s, the epoch's ETA, and the epoch-so-far loss, metrics and learning rate,
+    On a terminal or in a notebook: ``Epoch k/N``, a step bar, steps/s and
+    samples/s, the ETA of the epoch and of the fit (training time, validation not
+    included), and the epoch-so-far loss, metrics and learning rate,
     refreshed ``refresh_per_second`` times a second; above it, a table row per epoch (train
     and validation metrics, hyperparameters, time, throughput) and a closing summary.
     Elsewhere (CI logs, a file, a pipe) it prints one plain line per epoch and the summary.
@@ -35,11 +37,13 @@ class RichProgress(Callback):
     training time. The summary reports the first step's time, compilation included,
     separately.
 
+    In a multi-process run only process 0 prints.
+
     Args:
         refresh_per_second: live display refresh rate (values are fetched at this rate).
         console: the ``rich.console.Console`` to print to (default: a new one on stdout).
         live: force the live display (True) or plain lines (False); by default, live when
-            the console is a terminal.
+            the console is a terminal or a Jupyter notebook.
         hyperparams: injected hyperparameters to show, when the optimizer has them.
 
     Example:
@@ -68,6 +72,7 @@ class RichProgress(Callback):
         self.live = live
         self.hyperparams = [hyperparams] if isinstance(hyperparams, str) else list(hyperparams)
         self._progress: Progress | None = None
+        self._fit_t0: float | None = None  # set while a fit is under way
 
     def __getstate__(self) -> dict[str, Any]:
         # rich objects hold locks and a refresh thread: they cannot be pickled (Trainer.load
@@ -81,7 +86,11 @@ class RichProgress(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         if self.console is None:
             self.console = Console()
-        self._is_live = self.console.is_terminal if self.live is None else bool(self.live)
+        if primary_process():
+            auto = self.console.is_terminal or self.console.is_jupyter
+            self._is_live = auto if self.live is None else bool(self.live)
+        else:  # the other processes of a multi-host run show nothing
+            self.console, self._is_live = Console(quiet=True), False
         self._hp = [n for n in self.hyperparams if n in trainer.hyperparams.names]
         config = trainer.fit_config
         self._epochs, self._batch = config.get("epochs"), config.get("batch_size")
@@ -169,9 +178,10 @@ class RichProgress(Callback):
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        if self.console is None:  # on_fit_start never ran
+        if self._fit_t0 is None:  # an earlier callback's on_fit_start failed: nothing to sum up
             return
         wall = time.perf_counter() - self._fit_t0
+        self._fit_t0 = None
         mean = self._train_steps / self._train_s if self._train_s > 0 else None
         text = fmt.summary(trainer.epoch, trainer.step, wall, self._first_step, mean, self._batch,
                            logs.get("stop_reason"), self._last)
@@ -199,10 +209,13 @@ class RichProgress(Callback):
         now = time.perf_counter()  # after the sync: the device has caught up with the host
         t0, step0 = self._clock
         speed = (trainer.step - step0) / (now - t0) if now > t0 and trainer.step > step0 else None
-        eta = None
+        eta = "?"
         if speed and self._per_epoch:
-            eta = (self._per_epoch - trainer.batch_in_epoch) / speed
+            left = self._per_epoch - trainer.batch_in_epoch
+            eta = fmt.duration(left / speed)
+            if self._epochs and self._epochs > trainer.epoch:  # the fit's ETA, training time only
+                eta += f" (fit {fmt.duration((left + (self._epochs - trainer.epoch) * self._per_epoch) / speed)})"
         self._progress.update(
             self._task, completed=trainer.batch_in_epoch, speed=fmt.rates(speed, self._batch),
-            eta=fmt.duration(eta), values=fmt.values(shown),
+            eta=eta, values=fmt.values(shown),
         )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from jaxfit.callback import Callback
 from jaxfit.errors import ConfigError
 
-from ._checks import EveryNSteps, check_every
+from ._checks import EveryNSteps, check_every, primary_process
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.trainer import Trainer
@@ -30,6 +30,8 @@ class TensorBoard(Callback):
     ``every_n_steps`` reads the last step's loss from the device once every N steps (a
     sync each time); with ``None`` nothing happens per step. Keys that other callbacks add
     to the epoch logs (the learning rate from ``LearningRateMonitor``) are written too.
+
+    In a multi-process run only process 0 writes.
 
     The writer is tensorboardX, installed with ``pip install 'jaxfit[tensorboard]'``: a
     small pure-Python package (numpy and protobuf) that writes the event-file format,
@@ -59,6 +61,7 @@ class TensorBoard(Callback):
         self._writers: dict[str, Any] = {}
         self._every = EveryNSteps(self.every_n_steps)
         self._purge: int | None = None
+        self._active = True
 
     def __getstate__(self) -> dict[str, Any]:
         # Writers hold a file and a thread: a pickled callback (Trainer.load's recipe)
@@ -78,18 +81,21 @@ class TensorBoard(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self._close()
+        self._active = primary_process()
         # Events after the restored step were written by a run that is now replayed:
         # TensorBoard drops those with step >= purge_step from the older files.
         self._purge = trainer.step + 1 if trainer.step > 0 else None
         self._every.start(trainer.step)
 
     def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
-        if not self._every.due(trainer.step):
+        if not self._every.due(trainer.step) or not self._active:
             return
         loss = float(logs["loss"])  # the one sync every N steps
         self._writer("train", self._purge).add_scalar("batch_loss", loss, trainer.step)
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        if not self._active:
+            return
         for key, value in logs.items():
             try:
                 number = float(value)

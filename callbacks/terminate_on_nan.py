@@ -35,10 +35,11 @@ class TerminateOnNaN(Callback):
     "terminate_on_nan"`` and :attr:`detected`; the run stops at the end of the step under
     way.
 
-    Keeping NaN weights out of checkpoints: ``ModelCheckpoint`` writes nothing once
-    ``trainer.stop_reason == "terminate_on_nan"``, and before a save that does not fall on an
-    epoch end it asks every TerminateOnNaN of the run for :meth:`check`, which tests the
-    params and model state themselves. This callback runs before ModelCheckpoint (order
+    Keeping NaN weights out of checkpoints is a contract with the checkpoint writer
+    (``tests/test_cb_nan_checkpoint.py`` is its acceptance test): ``ModelCheckpoint``
+    writes nothing once ``trainer.stop_reason == "terminate_on_nan"``, and before any save
+    it asks every TerminateOnNaN of the run for :meth:`check`, which tests the params and
+    model state themselves. This callback runs before ModelCheckpoint (order
     -50 against 100), so an epoch-end save always sees the verdict on that epoch.
 
     A NaN guard inside the step (skip the update, count it) is

@@ -2,6 +2,7 @@
 
     python -m jaxfit info RUN            a table of the run's checkpoints
     python -m jaxfit resume RUN          Trainer.load(RUN).fit()
+    python -m jaxfit plot RUN            a PNG of the run's loss, metric and learning-rate curves
 
 A subcommand is one function decorated with :func:`command`: its positional parameters
 become positional arguments, its keyword parameters ``--options`` (a ``bool`` default makes a
@@ -135,6 +136,22 @@ def resume(run: str, epochs: int | None = None, trusted: bool = False) -> int:
     except (JaxfitError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    return 0
+
+
+@command
+def plot(run: str, out: str | None = None) -> int:
+    """Write a PNG of a run's loss, metric and learning-rate curves (default RUN/history.png)."""
+    from jaxfit.errors import JaxfitError
+    from jaxfit.plotting import plot_command
+
+    try:
+        # Reads the checkpoint's msgpack state only: plotting never unpickles the recipe.
+        path = plot_command(run, out)
+    except (JaxfitError, FileNotFoundError, ValueError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(path)
     return 0
 
 

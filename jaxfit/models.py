@@ -24,6 +24,29 @@ def _takes_train(fn: Any) -> bool:
         return False
 
 
+_INIT_CACHE: dict[Any, Any] = {}
+
+
+def _jitted_init(module: nn.Module, takes_train: bool) -> Any:
+    """A jitted ``module.init``, shared by every trainer of an equal module: compiling the
+    initialisation costs seconds for a CNN on CPU, and studies build many trainers."""
+    kwargs = {"train": False} if takes_train else {}
+
+    def init(rngs: Any, x: Any) -> Any:
+        return module.init(rngs, x, **kwargs)
+
+    try:
+        key = (module, takes_train)
+        hash(key)
+    except TypeError:  # a module with unhashable attributes: compile for this trainer only
+        return jax.jit(init)
+    if key not in _INIT_CACHE:
+        if len(_INIT_CACHE) >= 64:
+            _INIT_CACHE.pop(next(iter(_INIT_CACHE)))
+        _INIT_CACHE[key] = jax.jit(init)
+    return _INIT_CACHE[key]
+
+
 class ModelAdapter:
     """Wraps a flax module.
 
@@ -55,11 +78,11 @@ class ModelAdapter:
     def init(self, key: jax.Array, x: Any) -> tuple[Any, Any]:
         """(params, model_state) for inputs shaped like ``x``."""
         if self.kind == "nnx":
-            return self._initial
-        kwargs = {"train": False} if self.takes_train else {}
+            # Copies: the train step donates its state, which must not delete the arrays of
+            # the module the user still holds.
+            return jax.tree_util.tree_map(lambda a: a.copy(), self._initial)
         params_key, dropout_key = jax.random.split(key)
-        variables = jax.jit(lambda x: self.module.init({"params": params_key, "dropout": dropout_key}, x, **kwargs))(x)
-        variables = dict(variables)
+        variables = dict(_jitted_init(self.module, self.takes_train)({"params": params_key, "dropout": dropout_key}, x))
         params = variables.pop("params", {})
         return params, variables
 
@@ -86,6 +109,12 @@ class ModelAdapter:
             out, updates = self.module.apply(variables, x, rngs=rngs, mutable=list(model_state), **kwargs)
             return out, {**model_state, **updates}
         return self.module.apply(variables, x, rngs=rngs, **kwargs), model_state
+
+    def sync_module(self, params: Any, model_state: Any) -> None:
+        """Write the trained state back into the user's nnx module (copies, so the next
+        donating step leaves it intact). Linen modules hold no state: nothing to do."""
+        if self.kind == "nnx":
+            nnx.update(self.module, *jax.tree_util.tree_map(lambda a: a.copy(), (params, model_state)))
 
     def merged(self, params: Any, model_state: Any) -> Any:
         """An nnx module holding the given state (for users who want the object back)."""

@@ -416,6 +416,8 @@ class Trainer:
                 raise
             finally:
                 self._epoch_under_way = None
+                if error is None and self._state is not None:
+                    self._adapter.sync_module(self._state.params, self._state.model_state)
                 self.callbacks.call("on_fit_end", self, {"stop_reason": self.stop_reason, "exception": error})
         if self._signal == "preempted":
             raise Preempted()

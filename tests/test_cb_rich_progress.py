@@ -12,8 +12,8 @@ from conftest import MLP, make_trainer
 from rich.console import Console
 
 import jaxfit.callbacks.rich_progress as rich_progress
-from jaxfit import ConfigError
-from jaxfit.callbacks import LambdaCallback, RichProgress
+from jaxfit import ConfigError, MonitorError
+from jaxfit.callbacks import EarlyStopping, LambdaCallback, RichProgress
 
 
 class FakeClock:
@@ -114,11 +114,25 @@ def test_values_are_fetched_from_the_device_only_at_refresh(clock):
     assert fetched == [2]
     # Half a second per step: a refresh at every step but the first, which only starts the clock.
     fetched.clear()
-    fit(progress, epochs=2, extra=[
+    shown = {}
+
+    def look(trainer, logs):  # what the live bar holds after the refresh of step 6
+        if trainer.step == 6:
+            task = progress._progress.tasks[0]
+            shown.update(task.fields, completed=task.completed)
+
+    fit(progress, epochs=3, extra=[
         LambdaCallback(on_fit_start=spy),
         LambdaCallback(order=-1, on_train_batch_end=lambda t, logs: setattr(clock, "now", clock.now + 0.5)),
+        LambdaCallback(order=300, on_train_batch_end=look),
     ])
-    assert fetched == [2, 3, 4, 5, 6, 7, 8]
+    assert fetched == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    # Step 6 is batch 2 of epoch 2, whose clock ran 1 s for 2 steps: 2 steps/s; 2 steps
+    # left in the epoch (1 s) and 4 in epoch 3 (2 s more).
+    assert shown["completed"] == 2
+    assert shown["speed"] == "2.0 steps/s, 32 samples/s"
+    assert shown["eta"] == "1.0s (fit 3.0s)"
+    assert shown["values"].startswith("loss ") and "learning_rate 0.1000" in shown["values"]
 
 
 @pytest.mark.parametrize("make_console", [plain_console, live_console])
@@ -139,6 +153,13 @@ def test_live_can_be_forced_off_on_a_terminal():
     console, out = live_console()
     fit(RichProgress(console=console, live=False), epochs=1)
     assert out.getvalue().startswith("Epoch 1/1 - ")
+
+
+def test_a_failed_fit_start_elsewhere_is_reported_as_is():
+    console, out = live_console()
+    with pytest.raises(MonitorError, match="EarlyStopping monitors 'val_f1'"):
+        fit(RichProgress(console=console), extra=[EarlyStopping(monitor="val_f1", mode="max")])
+    assert "Trained" not in out.getvalue()
 
 
 @pytest.mark.parametrize(

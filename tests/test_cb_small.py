@@ -144,3 +144,20 @@ def test_every_builtin_is_a_callback():
     for name in ["CSVLogger", "EarlyStopping", "History", "LambdaCallback", "LearningRateMonitor",
                  "LRScheduler", "ReduceOnPlateau", "RichProgress", "TensorBoard", "TerminateOnNaN", "Timer"]:
         assert issubclass(getattr(cbs, name), Callback)
+
+
+def test_only_process_zero_writes_logs_and_prints(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from jaxfit.callbacks import CSVLogger, RichProgress, TensorBoard
+
+    monkeypatch.setattr("jax.process_index", lambda: 1)
+    out = io.StringIO()
+    make_trainer().fit(MLP(), tiny_data(), epochs=1, batch_size=16, callbacks=[
+        CSVLogger(tmp_path / "log.csv"), TensorBoard(tmp_path / "tb", every_n_steps=1),
+        RichProgress(console=Console(file=out)),
+    ])
+    assert not (tmp_path / "log.csv").exists() and not (tmp_path / "tb").exists()
+    assert out.getvalue() == ""

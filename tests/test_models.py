@@ -97,3 +97,19 @@ def test_nnx_model_with_train_argument(data):
     trainer = make_trainer()
     trainer.fit(WithTrain(nnx.Rngs(0)), (x, y), epochs=1, batch_size=16)
     assert np.array_equal(trainer.predict(x), trainer.predict(x))
+
+
+def test_nnx_module_stays_usable_and_holds_the_trained_state(data):
+    x, y = data
+    module = NNXNet(nnx.Rngs(0))
+    trainer = make_trainer()
+    trainer.fit(module, (x, y), epochs=2, batch_size=16)
+    module.eval()
+    np.testing.assert_allclose(np.asarray(module(x)), trainer.predict(x), rtol=1e-5, atol=1e-6)
+
+
+def test_linen_init_is_compiled_once_per_module_and_shape(data):
+    from jaxfit.models import _jitted_init
+
+    assert _jitted_init(MLP(), False) is _jitted_init(MLP(), False)
+    assert _jitted_init(MLP(), False) is not _jitted_init(MLP(classes=4), False)
