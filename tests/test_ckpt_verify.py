@@ -46,3 +46,23 @@ def test_state_kept_outside_state_dict_is_reported(data):
 def test_stop_steps_outside_the_run_are_refused(data, stop_at):
     with pytest.raises(ValueError, match=r"stop_at must be between 1 and 14 \(the run has 15"):
         verify_resume(make_trainer(), BNDropout(), data, stop_at=stop_at, epochs=3, batch_size=16)
+
+
+def test_nnx_model_with_rng_state_resumes_exactly(data):
+    import optax
+    from flax import nnx
+
+    from jaxfit import Trainer
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.bn = nnx.Linear(4, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+            self.do, self.l2 = nnx.Dropout(0.3, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(self.do(self.bn(self.l1(x))))
+
+    trainer = Trainer(optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=1e-2))
+    report = verify_resume(trainer, Net(nnx.Rngs(0)), data, epochs=3, batch_size=16,
+                           stop_at=[5, 7])
+    assert report.ok, str(report)
