@@ -126,6 +126,7 @@ class ModelCheckpoint(Callback):
         self.keep_last, self.keep_best = keep_last, keep_best
         self.max_data_bytes, self.background = max_data_bytes, background
         self.stats = SaveStats()
+        self.skipped_nonfinite: list[int] = []
         self._writer: RunWriter | None = None
         self._saved_at: tuple[int, int] | None = None
         self._last_time = 0.0
@@ -202,6 +203,8 @@ class ModelCheckpoint(Callback):
 
     # ------------------------------------------------------------------ saving
     def _save(self, trainer: Trainer, reason: str) -> None:
+        if trainer.stop_reason == "terminate_on_nan":
+            return  # non-finite values were seen: nothing from here on is worth resuming
         # Steps are dispatched ahead of the device: wait for the ones under way first and
         # account for that wait separately (the device was busy with training, not saving).
         start = time.perf_counter()
@@ -211,6 +214,15 @@ class ModelCheckpoint(Callback):
         state = _owned_copy(trainer.state_dict())
         copy_seconds = time.perf_counter() - copied
         step, batch = int(state["step"]), int(state["batch_in_epoch"])
+        if not _all_finite(state["train_state"]["params"]):
+            # NaN/inf weights never reach a checkpoint, whoever is watching the loss: a
+            # resume starts from the last finite state instead.
+            self.skipped_nonfinite.append(step)
+            warnings.warn(f"ModelCheckpoint: not saving step {step}: the params hold NaN or inf "
+                          "values; the checkpoints on disk keep the last finite state",
+                          RuntimeWarning, stacklevel=2)
+            self._saved_at = (step, batch)
+            return
         # Epoch logs describe this state only at an epoch boundary.
         metrics = self._last_logs if batch == 0 else {}
         self._writer.save(state, copy_seconds=copy_seconds, step=step, epoch=int(state["epoch"]),
@@ -218,3 +230,11 @@ class ModelCheckpoint(Callback):
                           monitor=self.monitor, mode=self._mode)
         self._saved_at = (step, batch)
         self._last_time = time.monotonic()
+
+
+def _all_finite(tree: Any) -> bool:
+    """True when every floating-point leaf of a nested dict of host arrays is finite."""
+    if isinstance(tree, dict):
+        return all(_all_finite(v) for v in tree.values())
+    arr = np.asarray(tree)
+    return not np.issubdtype(arr.dtype, np.inexact) or bool(np.isfinite(arr).all())
