@@ -14,9 +14,9 @@ pytestmark = pytest.mark.slow
 def test_resume_matches_at_an_epoch_boundary_and_mid_epoch(data, tmp_path):
     x, y = data
     # 70 examples, batch 16: 5 steps per epoch. Step 5 ends epoch 1, step 7 is mid-epoch 2.
-    report = verify_resume(make_trainer(seed=2), BNDropout(), (x, y), stop_at=[5, 7],
-                           validation_data=(x[:20], y[:20]), epochs=3, batch_size=16,
-                           shuffle=False, callbacks=[ModelCheckpoint(tmp_path / "untouched")])
+    report = make_trainer(seed=2).verify_resume(
+        BNDropout(), (x, y), stop_at=[5, 7], validation_data=(x[:20], y[:20]), epochs=3,
+        batch_size=16, shuffle=False, callbacks=[ModelCheckpoint(tmp_path / "untouched")])
     assert report.ok, str(report)
     assert report.stopped_at == [5, 7] and report.total_steps == 15
     assert "bit for bit" in str(report)
