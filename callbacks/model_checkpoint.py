@@ -149,6 +149,8 @@ class ModelCheckpoint(Callback):
         if self.monitor is not None:
             trainer.check_monitor(self.monitor, self)
         self.stats = SaveStats()
+        self.skipped_nonfinite = []
+        _refuse_another_run(self.directory, trainer)
         if jax.process_index() != 0:
             # Multi-host data parallelism: the state is replicated, one process writes it.
             self._writer = None
@@ -226,6 +228,7 @@ class ModelCheckpoint(Callback):
         # Epoch logs describe this state only at an epoch boundary.
         metrics = self._last_logs if batch == 0 else {}
         self._writer.save(state, copy_seconds=copy_seconds, step=step, epoch=int(state["epoch"]),
+                          run_id=state.get("run_id"),
                           batch_in_epoch=batch, reason=reason, metrics=metrics,
                           monitor=self.monitor, mode=self._mode)
         self._saved_at = (step, batch)
@@ -238,3 +241,19 @@ def _all_finite(tree: Any) -> bool:
         return all(_all_finite(v) for v in tree.values())
     arr = np.asarray(tree)
     return not np.issubdtype(arr.dtype, np.inexact) or bool(np.isfinite(arr).all())
+
+
+def _refuse_another_run(directory: Path, trainer: Trainer) -> None:
+    """Never let a new run's retention delete another run's checkpoints."""
+    if not Path(directory).is_dir():
+        return
+    from jaxfit.checkpoint._manifest import scan
+
+    owners = {info.manifest.get("run_id") for info in scan(directory) if info.manifest}
+    others = sorted(o for o in owners if o and o != trainer.run_id)
+    if others:
+        raise ConfigError(
+            f"ModelCheckpoint: {directory} holds checkpoints of another run (run id {others[0]}); "
+            "this run would mix with them and its retention would delete them. Continue that "
+            f"run with Trainer.load({str(directory)!r}).fit(), or give this run a new directory."
+        )

@@ -6,6 +6,7 @@ import contextlib
 import math
 import signal
 import threading
+import uuid
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -141,6 +142,7 @@ class Trainer:
         self._compiled: dict[Any, Callable] = {}
         self._masks: dict[Any, jax.Array] = {}
         self._signal: str | None = None
+        self.run_id: str | None = None
         self.log_names: list[str] = []
         self.fit_config: dict[str, Any] = {}
 
@@ -212,6 +214,8 @@ class Trainer:
             step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=opt_state,
             hp_scales=scales, metrics=zero_metrics(list(self._metric_fns))))
         self._step, self._epochs_completed, self.batch_in_epoch = 0, 0, 0
+        # Names this run in its checkpoints, so a run directory is never taken over by another.
+        self.run_id = uuid.uuid4().hex
         self._builder = StepBuilder(self._adapter, self.optimizer, self._loss_fn, self._metric_fns,
                                     jax.random.fold_in(key, 1))
         self._compiled.clear()
@@ -552,6 +556,7 @@ class Trainer:
             "epoch": self._epochs_completed,
             "batch_in_epoch": self.batch_in_epoch,
             "seed": self.seed,
+            "run_id": self.run_id,
             "rng": np.asarray(jax.random.key_data(jax.random.key(self.seed))),
             "input_spec": _spec_to_dict(self._input_spec),
             "history": self.history.state_dict(),
@@ -579,6 +584,7 @@ class Trainer:
         self._step, self._epochs_completed = int(sd["step"]), int(sd["epoch"])
         self.batch_in_epoch = int(sd["batch_in_epoch"])
         self.stop_reason = sd.get("stop_reason")
+        self.run_id = sd.get("run_id") or self.run_id
         self.history.load_state_dict(sd["history"])
         CallbackList(self._user_callbacks).load_state_dict(sd.get("callbacks", {}))
 

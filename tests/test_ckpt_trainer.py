@@ -311,3 +311,21 @@ def test_a_failed_write_stops_fit_with_a_checkpoint_error(tmp_path, data, monkey
         make_trainer().fit(MLP(), data, epochs=3, batch_size=16,
                            callbacks=[ModelCheckpoint(run)])
     assert not _names(run) and not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_new_run_refuses_a_directory_holding_another_runs_checkpoints(tmp_path, data):
+    from conftest import MLP, make_trainer
+
+    from jaxfit import ConfigError, Trainer
+    from jaxfit.callbacks import ModelCheckpoint
+    from jaxfit.checkpoint._manifest import scan
+
+    x, y = data
+    make_trainer().fit(MLP(), (x, y), epochs=2, batch_size=16, callbacks=[ModelCheckpoint(tmp_path, background=False)])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=r"holds checkpoints of another run.*Trainer.load"):
+        make_trainer().fit(MLP(), (x, y), epochs=1, batch_size=16, callbacks=[ModelCheckpoint(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing touched
+    resumed = Trainer.load(tmp_path)  # the run itself continues in its directory
+    resumed.fit(epochs=3)
+    assert max(info.step for info in scan(tmp_path)) == 15

@@ -46,7 +46,7 @@ class SaveStats:
 def write_checkpoint(run_dir: Path, state: dict, *, seq: int, step: int, epoch: int,
                      batch_in_epoch: int, reason: str, metrics: dict[str, Any],
                      monitor: str | None = None, mode: str | None = None,
-                     recipe: dict | None = None) -> Path:
+                     recipe: dict | None = None, run_id: str | None = None) -> Path:
     """Writes one checkpoint synchronously and atomically; returns its directory.
 
     The state is streamed into ``state.msgpack`` inside a temporary directory of ``run_dir``;
@@ -62,7 +62,7 @@ def write_checkpoint(run_dir: Path, state: dict, *, seq: int, step: int, epoch: 
             tmp / _manifest.STATE_FILE, lambda f: _msgpack.write_tree(f, state))}
         manifest = _manifest.build_manifest(
             seq=seq, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, reason=reason,
-            metrics=metrics, monitor=monitor, mode=mode, files=files, recipe=recipe)
+            metrics=metrics, monitor=monitor, mode=mode, files=files, recipe=recipe, run_id=run_id)
         payload = _manifest.manifest_bytes(manifest)
         _io.write_file(tmp / _manifest.MANIFEST_FILE, lambda f: f.write(payload))
         _io.publish_dir(tmp, final)
