@@ -6,9 +6,8 @@ import doctest
 import importlib
 import pkgutil
 
-import pytest
-
 import jaxfit.callbacks as callbacks
+import pytest
 
 MODULES = sorted(m.name for m in pkgutil.iter_modules(callbacks.__path__))
 

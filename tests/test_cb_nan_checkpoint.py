@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from cb_helpers import tiny_data
 from conftest import MLP, make_trainer
-
 from jaxfit.callbacks import LambdaCallback, ModelCheckpoint, TerminateOnNaN
+
 from jaxfit.checkpoint import list_checkpoints, read_checkpoint
 
 pytestmark = pytest.mark.xfail(
@@ -31,14 +31,23 @@ def poison_after(step: int) -> LambdaCallback:
     return LambdaCallback(on_train_batch_end=hook)
 
 
-@pytest.mark.parametrize("ckpt_kwargs", [dict(), dict(every_n_steps=2)], ids=["epoch_end", "every_2_steps"])
+@pytest.mark.parametrize(
+    "ckpt_kwargs", [dict(), dict(every_n_steps=2)], ids=["epoch_end", "every_2_steps"]
+)
 def test_no_checkpoint_holds_nan_weights(tmp_path, ckpt_kwargs):
     # Weights turn NaN after step 9 (epoch 2); TerminateOnNaN sees it at step 12.
     trainer = make_trainer()
-    trainer.fit(MLP(), tiny_data(128), epochs=3, batch_size=16, callbacks=[
-        poison_after(9), TerminateOnNaN(every_n_steps=3),
-        ModelCheckpoint(tmp_path, keep_last=None, background=False, **ckpt_kwargs),
-    ])
+    trainer.fit(
+        MLP(),
+        tiny_data(128),
+        epochs=3,
+        batch_size=16,
+        callbacks=[
+            poison_after(9),
+            TerminateOnNaN(every_n_steps=3),
+            ModelCheckpoint(tmp_path, keep_last=None, background=False, **ckpt_kwargs),
+        ],
+    )
     assert trainer.stop_reason == "terminate_on_nan"
     saved = list_checkpoints(tmp_path)
     assert saved and max(c.step for c in saved) <= 9

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
-import pytest
-
 import jaxfit.callbacks as callbacks
-from jaxfit import Callback
+import pytest
+import tomllib
 from jaxfit.callbacks import available, load
+
+from jaxfit import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,14 @@ def test_a_plugin_never_replaces_a_builtin(plugin_on_path):
 
 def test_builtins_are_listed_without_an_install():
     plugins = available()
-    for name in ["EarlyStopping", "LRScheduler", "ReduceOnPlateau", "RichProgress", "History", "Timer"]:
+    for name in [
+        "EarlyStopping",
+        "LRScheduler",
+        "ReduceOnPlateau",
+        "RichProgress",
+        "History",
+        "Timer",
+    ]:
         assert plugins[name].load() is getattr(callbacks, name)
     assert list(plugins) == sorted(plugins)
 
@@ -58,8 +65,11 @@ def test_builtins_are_listed_without_an_install():
 def test_pyproject_registers_every_builtin_the_package_exports():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     registered = pyproject["project"]["entry-points"]["jaxfit.callbacks"]
-    exported = {n for n, obj in vars(callbacks).items()
-                if isinstance(obj, type) and issubclass(obj, Callback) and not n.startswith("Monitor")}
+    exported = {
+        n
+        for n, obj in vars(callbacks).items()
+        if isinstance(obj, type) and issubclass(obj, Callback) and not n.startswith("Monitor")
+    }
     assert exported <= set(registered)
     assert all(v == f"jaxfit.callbacks:{k}" for k, v in registered.items())
     from jaxfit.callbacks._plugins import BUILTINS
@@ -68,5 +78,7 @@ def test_pyproject_registers_every_builtin_the_package_exports():
 
 
 def test_unknown_plugin_names_the_installed_ones():
-    with pytest.raises(KeyError, match="no callback plugin named 'Wandb'; installed: CSVLogger, EarlyStopping"):
+    with pytest.raises(
+        KeyError, match="no callback plugin named 'Wandb'; installed: CSVLogger, EarlyStopping"
+    ):
         load("Wandb")

@@ -6,9 +6,15 @@ import numpy as np
 import optax
 from cb_helpers import leaves, tiny_data
 from conftest import MLP, make_trainer
+from jaxfit.callbacks import (
+    EarlyStopping,
+    LambdaCallback,
+    LRScheduler,
+    ModelCheckpoint,
+    ReduceOnPlateau,
+)
 
 from jaxfit import Trainer
-from jaxfit.callbacks import EarlyStopping, LambdaCallback, LRScheduler, ModelCheckpoint, ReduceOnPlateau
 
 SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 0.2, 4, 24, end_value=0.01)
 
@@ -31,8 +37,17 @@ def test_a_run_stopped_mid_epoch_and_loaded_ends_exactly_like_an_uninterrupted_o
     straight.fit(MLP(), tiny_data(), epochs=6, batch_size=16, callbacks=callbacks())
 
     first = make_trainer()
-    first.fit(MLP(), tiny_data(), epochs=6, batch_size=16, callbacks=[
-        *callbacks(), LambdaCallback(on_train_batch_end=stop_at_step_10), ModelCheckpoint(tmp_path)])
+    first.fit(
+        MLP(),
+        tiny_data(),
+        epochs=6,
+        batch_size=16,
+        callbacks=[
+            *callbacks(),
+            LambdaCallback(on_train_batch_end=stop_at_step_10),
+            ModelCheckpoint(tmp_path),
+        ],
+    )
     assert (first.step, first.batch_in_epoch) == (10, 2)
 
     resumed = Trainer.load(tmp_path)
@@ -40,12 +55,19 @@ def test_a_run_stopped_mid_epoch_and_loaded_ends_exactly_like_an_uninterrupted_o
     resumed.fit()
 
     assert resumed.step == straight.step == 24
-    for a, b in zip(leaves(resumed.params), leaves(straight.params)):
+    for a, b in zip(leaves(resumed.params), leaves(straight.params), strict=True):
         np.testing.assert_array_equal(a, b)
     for cls in (ReduceOnPlateau, EarlyStopping):
-        assert resumed.callbacks.find(cls)[0].state_dict() == straight.callbacks.find(cls)[0].state_dict()
+        assert (
+            resumed.callbacks.find(cls)[0].state_dict()
+            == straight.callbacks.find(cls)[0].state_dict()
+        )
     # A reduction at the end of each of epochs 2..6; the plateau scale is checkpointed with
     # the train state, so the resumed run carries the two made before the stop.
     assert resumed.hyperparams["learning_rate"] == straight.hyperparams["learning_rate"]
-    assert resumed.hyperparams.scale("learning_rate") == straight.hyperparams.scale("learning_rate") == 0.5**5
+    assert (
+        resumed.hyperparams.scale("learning_rate")
+        == straight.hyperparams.scale("learning_rate")
+        == 0.5**5
+    )
     assert resumed.history.history == straight.history.history
