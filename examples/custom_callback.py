@@ -31,10 +31,10 @@ import jax
 import numpy as np
 import optax
 import optax.tree_utils as otu
-from jaxfit.callbacks import RichProgress
 from sklearn.datasets import load_digits
 
 from jaxfit import Callback, Trainer
+from jaxfit.callbacks import RichProgress
 
 
 @jax.jit

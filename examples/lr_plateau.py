@@ -20,9 +20,9 @@ import argparse
 import flax.linen as nn
 import numpy as np
 import optax
-from jaxfit.callbacks import LearningRateMonitor, LRScheduler, ReduceOnPlateau, RichProgress
 
 from jaxfit import Trainer
+from jaxfit.callbacks import LearningRateMonitor, LRScheduler, ReduceOnPlateau, RichProgress
 
 
 class MLP(nn.Module):

@@ -7,9 +7,9 @@ import csv
 import pytest
 from cb_helpers import resume, tiny_data
 from conftest import MLP, make_trainer
-from jaxfit.callbacks import CSVLogger, LambdaCallback, LearningRateMonitor
 
 from jaxfit import ConfigError, DataError
+from jaxfit.callbacks import CSVLogger, LambdaCallback, LearningRateMonitor
 
 
 def read(path):

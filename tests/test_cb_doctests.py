@@ -6,8 +6,9 @@ import doctest
 import importlib
 import pkgutil
 
-import jaxfit.callbacks as callbacks
 import pytest
+
+import jaxfit.callbacks as callbacks
 
 MODULES = sorted(m.name for m in pkgutil.iter_modules(callbacks.__path__))
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from cb_helpers import leaves, resume, tiny_data
 from conftest import MLP, make_trainer
-from jaxfit.callbacks import EarlyStopping, LambdaCallback
 
 from jaxfit import ConfigError, MonitorError
+from jaxfit.callbacks import EarlyStopping, LambdaCallback
 
 
 def run_table(stop, values):

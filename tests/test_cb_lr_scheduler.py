@@ -8,9 +8,9 @@ import optax
 import pytest
 from cb_helpers import compile_count, leaves, resume, tiny_data
 from conftest import MLP, make_trainer
-from jaxfit.callbacks import LambdaCallback, LRScheduler, ReduceOnPlateau
 
 from jaxfit import ConfigError, HyperparamError
+from jaxfit.callbacks import LambdaCallback, LRScheduler, ReduceOnPlateau
 
 # The 13 schedules of the Flax learning-rate-schedules tutorial, sized for a 20-step run.
 SCHEDULES = {

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from jaxfit.callbacks import MonitorCallback
-from jaxfit.callbacks._monitor import infer_mode
 
 from jaxfit import ConfigError
+from jaxfit.callbacks import MonitorCallback
+from jaxfit.callbacks._monitor import infer_mode
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from cb_helpers import tiny_data
 from conftest import MLP, make_trainer
-from jaxfit.callbacks import LambdaCallback, ModelCheckpoint, TerminateOnNaN
 
+from jaxfit.callbacks import LambdaCallback, ModelCheckpoint, TerminateOnNaN
 from jaxfit.checkpoint import list_checkpoints, read_checkpoint
 
 pytestmark = pytest.mark.xfail(

@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import jaxfit.callbacks as callbacks
 import pytest
 import tomllib
-from jaxfit.callbacks import available, load
 
+import jaxfit.callbacks as callbacks
 from jaxfit import Callback
+from jaxfit.callbacks import available, load
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +46,14 @@ def test_a_third_party_plugin_is_listed_and_loads(plugin_on_path):
 
 def test_a_plugin_never_replaces_a_builtin(plugin_on_path):
     assert load("EarlyStopping") is callbacks.EarlyStopping
+
+
+def test_every_registered_builtin_loads_as_a_callback():
+    from jaxfit.callbacks._plugins import BUILTINS
+
+    plugins = available()
+    for name in BUILTINS:
+        assert issubclass(plugins[name].load(), Callback), name
 
 
 def test_builtins_are_listed_without_an_install():

@@ -9,9 +9,9 @@ import optax
 import pytest
 from cb_helpers import ready_trainer, resume, tiny_data
 from conftest import MLP, make_trainer
-from jaxfit.callbacks import LambdaCallback, LRScheduler, ReduceOnPlateau
 
 from jaxfit import ConfigError, HyperparamError, MonitorError
+from jaxfit.callbacks import LambdaCallback, LRScheduler, ReduceOnPlateau
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ import numpy as np
 import optax
 from cb_helpers import leaves, tiny_data
 from conftest import MLP, make_trainer
+
+from jaxfit import Trainer
 from jaxfit.callbacks import (
     EarlyStopping,
     LambdaCallback,
@@ -13,8 +15,6 @@ from jaxfit.callbacks import (
     ModelCheckpoint,
     ReduceOnPlateau,
 )
-
-from jaxfit import Trainer
 
 SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 0.2, 4, 24, end_value=0.01)
 

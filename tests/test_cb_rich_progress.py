@@ -6,14 +6,14 @@ import io
 import re
 
 import cloudpickle
-import jaxfit.callbacks.rich_progress as rich_progress
 import pytest
 from cb_helpers import tiny_data
 from conftest import MLP, make_trainer
-from jaxfit.callbacks import EarlyStopping, LambdaCallback, RichProgress
 from rich.console import Console
 
+import jaxfit.callbacks.rich_progress as rich_progress
 from jaxfit import ConfigError, MonitorError
+from jaxfit.callbacks import EarlyStopping, LambdaCallback, RichProgress
 
 
 class FakeClock:

@@ -8,9 +8,9 @@ import cloudpickle
 import pytest
 from cb_helpers import resume, tiny_data
 from conftest import MLP, make_trainer
-from jaxfit.callbacks import LambdaCallback, LearningRateMonitor, TensorBoard
 
 from jaxfit import ConfigError
+from jaxfit.callbacks import LambdaCallback, LearningRateMonitor, TensorBoard
 
 event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
 

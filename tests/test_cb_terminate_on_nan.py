@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import pytest
 from cb_helpers import tiny_data
 from conftest import MLP, make_trainer
-from jaxfit.callbacks import LambdaCallback, TerminateOnNaN
 
 from jaxfit import ConfigError
+from jaxfit.callbacks import LambdaCallback, TerminateOnNaN
 
 
 def poison(step: int) -> LambdaCallback:
