@@ -607,6 +607,23 @@ class Trainer:
         trainer._fit_args = dict(recipe.get("fit", {}))
         return trainer
 
+    def verify_resume(self, model: Any, data: Any, *, stop_at: int | Sequence[int] | None = None,
+                      callbacks: Sequence[Callback] = (), **fit_args: Any) -> Any:
+        """Check that stopping, saving, loading and fitting on reproduces the uninterrupted
+        run bit for bit, for this trainer's configuration on ``model`` and ``data``.
+
+        This trainer is a template and is not trained. See
+        ``jaxfit.checkpoint.verify_resume``; returns its ``ResumeReport`` (true when every
+        resumed run matched).
+
+        Example:
+            >>> report = trainer.verify_resume(Net(), (x, y), epochs=3, batch_size=32)  # doctest: +SKIP
+            >>> assert report, report  # doctest: +SKIP
+        """
+        from jaxfit.checkpoint import verify_resume
+
+        return verify_resume(self, model, data, stop_at=stop_at, callbacks=callbacks, **fit_args)
+
     @classmethod
     def load(cls, path: str, **kwargs: Any) -> Trainer:
         """A trainer restored from a run directory (newest valid checkpoint) or one checkpoint;

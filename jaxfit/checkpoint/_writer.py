@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxfit.checkpoint import _io, _manifest, _msgpack, _retention
+from jaxfit.checkpoint._errors import CheckpointError
 from jaxfit.checkpoint._recipe import write_recipe
 
 
@@ -29,9 +30,15 @@ class SaveStats:
       write: how long serializing and writing each checkpoint took (in the background when
         asynchronous).
       nbytes: size of each state file.
+      copy: the part of ``blocking`` spent copying the state to host memory (the rest is
+        waiting for the previous write, and the write itself when not in the background).
+      device_wait: before each save, how long the steps already dispatched took to finish
+        (the state must be computed before it can be copied; not counted in ``blocking``).
     """
 
     blocking: list[float] = field(default_factory=list)
+    copy: list[float] = field(default_factory=list)
+    device_wait: list[float] = field(default_factory=list)
     write: list[float] = field(default_factory=list)
     nbytes: list[int] = field(default_factory=list)
 
@@ -142,6 +149,7 @@ class RunWriter:
             self._run(job)
             self._raise_pending()
         self.stats.blocking.append(copy_seconds + time.perf_counter() - start)
+        self.stats.copy.append(copy_seconds)
 
     def _run(self, job: dict) -> None:
         began = time.perf_counter()
@@ -157,7 +165,10 @@ class RunWriter:
     def _raise_pending(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
-            raise RuntimeError(f"writing a checkpoint into {self.run_dir} failed: {err}") from err
+            raise CheckpointError(
+                f"writing a checkpoint into {self.run_dir} failed: {err} (every earlier "
+                "checkpoint is intact)"
+            ) from err
 
     def wait(self) -> None:
         """Blocks until the write under way (if any) is on disk; re-raises its error."""
