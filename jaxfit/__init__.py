@@ -11,6 +11,7 @@ import importlib.util
 import os
 import sys
 
+from jaxfit._allocator import tune_allocator as _tune_allocator
 from jaxfit._version import __version__ as __version__
 from jaxfit.callback import Callback as Callback
 from jaxfit.callback import CallbackList as CallbackList
@@ -54,3 +55,7 @@ if not os.path.isdir(os.path.join(_here, "callbacks")) and os.path.isfile(
     os.path.join(_checkout_callbacks, "__init__.py")
 ):
     sys.meta_path.insert(0, _CheckoutCallbacksFinder(_checkout_callbacks))
+
+# Opt-in glibc malloc tuning for XLA:CPU (JAXFIT_MALLOC_TUNING=1): it must run before JAX's
+# backend starts, so it runs on import (see _allocator).
+_tune_allocator()

@@ -130,23 +130,28 @@ class ArrayData:
         """The epoch's batches from batch index ``start``, grouped ``k`` at a time."""
         B, steps = self.batch_size, self.steps_per_epoch
         perm = self.order(epoch)
-        total = steps * B
-        # One gather + pad per epoch; batches are then views, so the loop copies nothing.
-        take = (lambda a: a[perm]) if perm is not None else (lambda a: a)
-        xs = _pad(jax.tree_util.tree_map(take, self.x), total)
-        ys = None if self.y is None else _pad(jax.tree_util.tree_map(take, self.y), total)
         valid = [min(B, self.n - i * B) for i in range(steps)]
+        # Rows are gathered per execution, not for the whole epoch up front: the copy of the
+        # next batch then overlaps the device's work on the current one instead of stalling
+        # the epoch start (25 MB for 8k MNIST-sized rows). Leaves are flattened once: slicing
+        # them costs far less per step than a tree_map, which shows on ~100 us steps.
+        x_leaves, x_def = jax.tree_util.tree_flatten(self.x)
+        y_leaves, y_def = jax.tree_util.tree_flatten(self.y)
+
+        def rows(leaves: list, lo: int, hi: int, kk: int) -> list:
+            end = min(hi, self.n)
+            out = [a[perm[lo:end]] if perm is not None else a[lo:end] for a in leaves]
+            if end < hi:  # the last, partial batch: zero rows, masked out by the step
+                out = _pad(out, hi - lo)
+            return out if kk == 1 else [a.reshape(kk, B, *a.shape[1:]) for a in out]
+
         i = start
         while i < steps:
             kk = k if i + k <= steps else 1
-            sl = slice(i * B, (i + kk) * B)
-            if kk == 1:
-                get = lambda a: a[sl]  # noqa: E731
-            else:
-                get = lambda a: a[sl].reshape(kk, B, *a.shape[1:])  # noqa: E731
+            lo, hi = i * B, (i + kk) * B
             yield Execution(
-                jax.tree_util.tree_map(get, xs),
-                None if ys is None else jax.tree_util.tree_map(get, ys),
+                x_def.unflatten(rows(x_leaves, lo, hi, kk)),
+                None if self.y is None else y_def.unflatten(rows(y_leaves, lo, hi, kk)),
                 tuple(valid[i : i + kk]),
                 B,
             )

@@ -7,7 +7,8 @@ pure function of pytrees — under a device mesh by passing shardings to ``jax.j
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,13 @@ class TrainState:
 
 
 def zero_metrics(names: list[str]) -> dict:
-    return {k: jnp.zeros((), jnp.float32) for k in ["count", "loss", *names]}
+    return _zeros_fn(tuple(names))()
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(names: tuple[str, ...]) -> Callable[[], dict]:
+    # One dispatch for all accumulators instead of one jnp.zeros each: runs every epoch.
+    return jax.jit(lambda: {k: jnp.zeros((), jnp.float32) for k in ["count", "loss", *names]})
 
 
 def _accumulate(acc: dict, per_loss: jax.Array, outputs: Any, targets: Any, mask: jax.Array,
@@ -87,15 +94,27 @@ class StepBuilder:
         return step
 
     @staticmethod
-    def fused(step: Callable, unroll: int | bool) -> Callable:
-        """``k`` steps in one ``lax.scan`` over stacked batches ``(k, B, ...)``."""
+    def fused(step: Callable, unroll: int | bool | str,
+              on_choice: Callable[[int | bool], None] | None = None) -> Callable:
+        """``k`` steps in one ``lax.scan`` over stacked batches ``(k, B, ...)``.
+
+        ``unroll="auto"`` picks the unroll at trace time with ``auto_unroll`` and reports
+        it to ``on_choice``.
+        """
 
         def multi(state, xs, ys, masks):
             def body(s, batch):
                 s, loss = step(s, *batch)
                 return s, loss
 
-            state, losses = jax.lax.scan(body, state, (xs, ys, masks), unroll=unroll)
+            chosen = unroll
+            if unroll == "auto":
+                one = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                                             (xs, ys, masks))
+                chosen = auto_unroll(step, state, *one)
+            if on_choice is not None:
+                on_choice(chosen)
+            state, losses = jax.lax.scan(body, state, (xs, ys, masks), unroll=chosen)
             return state, losses[-1]
 
         return multi
@@ -117,6 +136,31 @@ class StepBuilder:
             return adapter.apply(params, model_state, x, train=False, rng=None)[0]
 
         return step
+
+
+def _primitives(jaxpr: Any) -> Iterator[str]:
+    """Names of every primitive in ``jaxpr`` and in the jaxprs nested in its equations."""
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    yield from _primitives(inner)
+
+
+def auto_unroll(step: Callable, *example: Any) -> int | bool:
+    """The ``lax.scan`` unroll that keeps ``steps_per_execution`` at least as fast as single steps.
+
+    XLA:CPU runs a convolution inside a rolled loop on a slow path (25-50x slower than the
+    same convolution outside a loop, jax#12868): a step with a convolution is unrolled fully
+    there. Everything else stays rolled: unrolling compiles ``k`` copies of the step, takes
+    longer to compile and measured no faster on dense models.
+    """
+    if jax.default_backend() != "cpu":
+        return 1
+    closed = jax.make_jaxpr(step)(*example)
+    return True if any(p.startswith("conv_general") for p in _primitives(closed.jaxpr)) else 1
 
 
 def jit_train(step: Callable) -> Callable:

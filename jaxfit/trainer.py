@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import threading
@@ -16,6 +17,7 @@ import optax
 
 from jaxfit import _tree
 from jaxfit._reduce import resolve, shape_of
+from jaxfit._fusion import FusionChooser
 from jaxfit.callback import Callback, CallbackList
 from jaxfit.data import Execution, make_source
 from jaxfit.errors import ConfigError, DataError, MonitorError, Preempted, ShapeError
@@ -44,8 +46,12 @@ class Trainer:
         seed: seeds initialisation, the per-epoch shuffle and the dropout keys.
         steps_per_execution: fuse this many steps into one compiled ``lax.scan``; batch
             hooks then fire once per execution, as in Keras.
-        scan_unroll: ``unroll`` of that scan (``True`` unrolls fully, which XLA:CPU needs
-            for convolutions to stay fast).
+        scan_unroll: ``unroll`` of that scan: an int, ``True`` (fully unrolled) or
+            ``"auto"`` (the default), which unrolls fully on the CPU when the step has a
+            convolution (XLA:CPU runs convolutions in a rolled loop 25-50x slower) and keeps
+            the scan rolled otherwise; ``trainer.fit_config["scan_unroll"]`` says what was used.
+            On a single device the first executions of each fit are timed fused and as single
+            steps, and the faster way is kept: ``trainer.fit_config["execution"]``.
         input_keys, target_keys: for dict data, which keys are model inputs and targets
             (default: targets are ``"label"``/``"labels"``/``"y"``/``"target(s)"``, inputs
             the rest).
@@ -78,7 +84,7 @@ class Trainer:
         seed: int = 0,
         *,
         steps_per_execution: int = 1,
-        scan_unroll: int | bool = 1,
+        scan_unroll: int | bool | str = "auto",
         input_keys: Sequence[str] | None = None,
         target_keys: Sequence[str] | None = None,
         handle_signals: bool = True,
@@ -96,6 +102,8 @@ class Trainer:
             raise ConfigError(f"seed must be an int, got {seed!r}")
         if isinstance(steps_per_execution, bool) or not isinstance(steps_per_execution, int) or steps_per_execution < 1:
             raise ConfigError(f"steps_per_execution must be an int >= 1, got {steps_per_execution!r}")
+        if scan_unroll != "auto" and (not isinstance(scan_unroll, int) or scan_unroll < 1):
+            raise ConfigError(f'scan_unroll must be "auto", True or an int >= 1, got {scan_unroll!r}')
         self.optimizer = optimizer
         self.loss = loss
         self.metrics = list(metrics)
@@ -300,7 +308,7 @@ class Trainer:
         fn = self._compiled.get(key)
         if fn is None:
             step = self._builder.train_step(self._hp_slots(), {n: f for n, (f, _) in self._schedules.items()})
-            body = step if k == 1 else StepBuilder.fused(step, self.scan_unroll)
+            body = step if k == 1 else StepBuilder.fused(step, self.scan_unroll, self._record_unroll)
 
             def counted(*args):
                 self.trace_counts["train"] += 1  # runs at trace time only
@@ -308,6 +316,10 @@ class Trainer:
 
             fn = self._compiled[key] = jit_train(counted)
         return fn
+
+    def _record_unroll(self, unroll: int | bool) -> None:
+        # Runs at trace time: tells users (and RichProgress) what "auto" chose.
+        self.fit_config["scan_unroll"] = unroll
 
     def _eval_fn(self) -> Callable:
         fn = self._compiled.get("eval")
@@ -432,19 +444,27 @@ class Trainer:
     def _run(self, train: Any, val: Any, epochs: int) -> None:
         cbs = self.callbacks
         k_exec = self.steps_per_execution
+        first_epoch = self._epochs_completed + 1
+        # Fused or single steps, timed on the first executions of each fit (see _fusion).
+        self._fusion = FusionChooser(
+            lambda mode: self.fit_config.__setitem__("execution", mode),
+            measure=lambda: self.scan_unroll == "auto" and self.fit_config.get("scan_unroll") == 1)
         while self._epochs_completed < epochs and not self.stop_training:
             epoch = self._epochs_completed + 1
             self._epoch_under_way = epoch
-            if self.batch_in_epoch == 0:
-                self._reset_metrics()
+            if self.batch_in_epoch == 0 and epoch == first_epoch:
+                self._reset_metrics()  # later epochs start from _end_epoch's reset
             cbs.call("on_epoch_start", self)
             has_start, has_end = cbs.has("on_train_batch_start"), cbs.has("on_train_batch_end")
             steps = {1: self._train_fn(1), k_exec: self._train_fn(k_exec)}
             for ex in train.executions(epoch, self.batch_in_epoch, k_exec):
                 if has_start:
                     cbs.call("on_train_batch_start", self)
-                x, y = (ex.x, ex.y) if self.mesh is None else self._place_batch((ex.x, ex.y), ex.k > 1)
-                self._state, loss = steps[ex.k](self._state, x, y, self._mask(ex))
+                if ex.k > 1 and self.mesh is None:
+                    self._state, loss = self._fusion.run(steps[ex.k], steps[1], self._state, ex, self._mask)
+                else:
+                    x, y = (ex.x, ex.y) if self.mesh is None else self._place_batch((ex.x, ex.y), ex.k > 1)
+                    self._state, loss = steps[ex.k](self._state, x, y, self._mask(ex))
                 self._step += ex.k
                 self.batch_in_epoch += ex.k
                 if has_end:
@@ -557,7 +577,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "seed": self.seed,
             "run_id": self.run_id,
-            "rng": np.asarray(jax.random.key_data(jax.random.key(self.seed))),
+            "rng": _seed_key_data(self.seed).copy(),
             "input_spec": _spec_to_dict(self._input_spec),
             "history": self.history.state_dict(),
             "callbacks": CallbackList(self._user_callbacks).state_dict(),
@@ -637,6 +657,12 @@ class Trainer:
         from jaxfit.checkpoint import load_trainer
 
         return load_trainer(path, **kwargs)
+
+
+@functools.lru_cache(maxsize=8)
+def _seed_key_data(seed: int) -> np.ndarray:
+    # Computed once per seed: every checkpoint save asks for it, on the training thread.
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
 def _is_spec(s: Any) -> bool:

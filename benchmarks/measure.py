@@ -1,0 +1,82 @@
+"""What every contender reports, measured the same way in every subprocess.
+
+A contender calls `Clock.start()` once its imports and data are ready, `Clock.first_step()`
+once the result of its first training step (or first fused execution) is on the host, and
+`Clock.epoch_end()` after each epoch's loss has been fetched. From those marks:
+
+- steady steps/s: steps of epochs 2..E over the wall time from the end of epoch 1 to the end
+  of epoch E, epoch boundaries included (compile and the first epoch are left out);
+- time to first step: from `start()` to `first_step()` (model init, compile, one step);
+- compile: the seconds JAX spent tracing, lowering and compiling during the run, summed from
+  `jax.monitoring` duration events (so one-off compiles of init ops count too);
+- peak RSS: the process's `ru_maxrss`, imports included.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+class Clock:
+    """Timestamps of one contender's run, plus JAX compile time from monitoring events."""
+
+    def __init__(self) -> None:
+        self.t0: float | None = None
+        self.t_first: float | None = None
+        self.epoch_ends: list[float] = []
+        self.compile_s = 0.0
+        import jax.monitoring
+
+        def on_duration(event: str, duration: float, **_: object) -> None:
+            if event in _COMPILE_EVENTS:
+                self.compile_s += duration
+
+        jax.monitoring.register_event_duration_secs_listener(on_duration)
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def first_step(self) -> None:
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+
+    def epoch_end(self) -> None:
+        self.epoch_ends.append(time.perf_counter())
+
+    def result(self, steps_per_epoch: int, batch_size: int, **extra: object) -> dict:
+        """The JSON-able figures of this run; raises if the contender skipped a mark."""
+        if self.t0 is None or self.t_first is None or len(self.epoch_ends) < 2:
+            raise RuntimeError(
+                f"incomplete timing: start={self.t0}, first_step={self.t_first}, "
+                f"{len(self.epoch_ends)} epoch ends (need start, first step and >= 2 epochs)"
+            )
+        measured_epochs = len(self.epoch_ends) - 1
+        steady = self.epoch_ends[-1] - self.epoch_ends[0]
+        steps = measured_epochs * steps_per_epoch
+        epoch_s = [b - a for a, b in zip(self.epoch_ends, self.epoch_ends[1:])]
+        return {
+            "steps_per_s": steps / steady,
+            "examples_per_s": steps * batch_size / steady,
+            "steady_s": steady,
+            "measured_steps": steps,
+            "first_epoch_s": self.epoch_ends[0] - self.t0,
+            "epoch_s": epoch_s,
+            "ttfs_s": self.t_first - self.t0,
+            "compile_s": self.compile_s,
+            "peak_rss_mb": peak_rss_mb(),
+            **extra,
+        }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, B on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024

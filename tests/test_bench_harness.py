@@ -1,0 +1,68 @@
+"""The benchmark harness: ratios within a repetition, the table, the chart, a real quick run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import run as bench_run
+from benchmarks.measure import Clock
+from benchmarks.report import markdown, summarize
+
+
+def _r(contender, rep, steps, rss=100.0, workload="W1"):
+    return {"contender": contender, "workload": workload, "rep": rep, "steps_per_s": steps,
+            "examples_per_s": 32 * steps, "compile_s": 1.0, "ttfs_s": 2.0, "peak_rss_mb": rss}
+
+
+def test_ratios_are_taken_against_a_of_the_same_repetition():
+    # The machine got twice as slow in repetition 1: per-repetition ratios stay 1.5.
+    results = [_r("A", 0, 100), _r("X", 0, 150), _r("A", 1, 50), _r("X", 1, 75, rss=120)]
+    s = summarize(results)
+    assert s[("X", "W1")]["ratio"] == (1.5, 1.5, 1.5)
+    assert s[("X", "W1")]["steps_per_s"] == (112.5, 75, 150)
+    assert s[("X", "W1")]["rss_ratio"] == (1.1, 1.0, 1.2)
+    assert s[("A", "W1")]["n"] == 2
+
+
+def test_table_shows_median_and_range_and_names_skipped_and_failed_runs():
+    results = [_r("A", r, 100) for r in range(3)] + [_r("X", r, v) for r, v in enumerate([80, 90, 120])]
+    errors = [{"contender": "Y", "workload": "W1", "rep": 0, "error": "exit 1: boom"}]
+    text = markdown(summarize(results + errors), [("A", "A hand loop"), ("X", "X thing")],
+                    ["W1", "W2"], {("X", "W2"): "too slow"}, errors)
+    assert "| X thing | 0.90 (0.80–1.20) | skipped |" in text
+    assert "X on W2: too slow" in text
+    assert "Y on W1 (rep 0): exit 1: boom" in text
+
+
+def test_clock_refuses_a_run_without_a_measured_epoch():
+    clock = Clock()
+    clock.start()
+    clock.first_step()
+    clock.epoch_end()
+    with pytest.raises(RuntimeError, match="need start, first step and >= 2 epochs"):
+        clock.result(steps_per_epoch=10, batch_size=4)
+
+
+def test_unknown_names_are_rejected_with_the_choices(tmp_path):
+    with pytest.raises(SystemExit, match="unknown contender.*choose from"):
+        bench_run.main(["--contenders", "A,Z", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown workload.*W4"):
+        bench_run.main(["--workloads", "W4", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_quick_run_writes_table_results_and_chart(tmp_path):
+    results = bench_run.main(["--quick", "--workloads", "W1", "--contenders",
+                              "A,jaxfit-callbacks", "--epochs", "3", "--out", str(tmp_path)])
+    assert [r["contender"] for r in results] == ["A", "jaxfit-callbacks"]
+    assert all("error" not in r and r["measured_steps"] == 2 * 56 for r in results)
+    table = (tmp_path / "table.md").read_text()
+    assert "| A hand loop | 1.00 |" in table
+    assert "| jaxfit fit + everyday callbacks |" in table
+    assert "python -m benchmarks.run --quick" in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["mode"] == "quick" and len(saved["results"]) == 2
+    assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
