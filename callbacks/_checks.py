@@ -21,7 +21,9 @@ def primary_process() -> bool:
 def check_count(owner: str, name: str, value: Any, minimum: int = 0) -> int:
     """``value`` as an int >= ``minimum``, or a ConfigError naming ``owner`` and ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{owner}: {name} must be an integer >= {minimum}, got {name} = {value!r}")
+        raise ConfigError(
+            f"{owner}: {name} must be an integer >= {minimum}, got {name} = {value!r}"
+        )
     return value
 
 

@@ -77,7 +77,9 @@ class MonitorCallback(Callback):
     def __init__(self, monitor: str = "val_loss", mode: str = "auto", min_delta: float = 0.0):
         owner = type(self).__name__
         if not isinstance(monitor, str) or not monitor:
-            raise ConfigError(f"{owner}: monitor must be a log key such as 'val_loss', got {monitor!r}")
+            raise ConfigError(
+                f"{owner}: monitor must be a log key such as 'val_loss', got {monitor!r}"
+            )
         if mode not in MODES:
             raise ConfigError(f"{owner}: mode must be one of {MODES}, got mode = {mode!r}")
         self.monitor = monitor

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rich.table import Table
 
@@ -47,25 +48,45 @@ def values(named: dict[str, Any]) -> str:
     return "  ".join(f"{k} {number(v)}" for k, v in named.items())
 
 
-def epoch_line(epoch: int, epochs: int, logs: dict[str, Any], seconds: float, steps_per_s: float | None,
-               batch_size: int | None) -> str:
+def epoch_line(
+    epoch: int,
+    epochs: int,
+    logs: dict[str, Any],
+    seconds: float,
+    steps_per_s: float | None,
+    batch_size: int | None,
+) -> str:
     """The plain-mode line of one epoch."""
-    return f"Epoch {epoch}/{epochs} - {duration(seconds)} - {rates(steps_per_s, batch_size)} - {values(logs)}"
+    speed = rates(steps_per_s, batch_size)
+    return f"Epoch {epoch}/{epochs} - {duration(seconds)} - {speed} - {values(logs)}"
 
 
 def epoch_table(columns: Sequence[str], row: dict[str, Any], header: bool) -> Table:
     """One row of the per-epoch table; fixed widths so the rows printed one by one align."""
-    table = Table(box=None, show_header=header, header_style="bold", pad_edge=False, show_edge=False)
+    table = Table(
+        box=None, show_header=header, header_style="bold", pad_edge=False, show_edge=False
+    )
     for name in columns:
         table.add_column(name, justify="right", width=max(len(name), 10), no_wrap=True)
     table.add_row(*(row.get(name, "-") for name in columns))
     return table
 
 
-def summary(epochs_done: int, steps: int, wall: float, first_step: float | None, steps_per_s: float | None,
-            batch_size: int | None, stop_reason: str | None, last: dict[str, Any]) -> str:
+def summary(
+    epochs_done: int,
+    steps: int,
+    wall: float,
+    first_step: float | None,
+    steps_per_s: float | None,
+    batch_size: int | None,
+    stop_reason: str | None,
+    last: dict[str, Any],
+) -> str:
     """The closing line of a fit."""
-    parts = [f"Trained {epochs_done} epoch{'s' if epochs_done != 1 else ''} ({steps} steps) in {duration(wall)}"]
+    parts = [
+        f"Trained {epochs_done} epoch{'s' if epochs_done != 1 else ''} ({steps} steps) "
+        f"in {duration(wall)}"
+    ]
     if first_step is not None:
         parts.append(f"first step (with compilation) {duration(first_step)}")
     parts.append(rates(steps_per_s, batch_size))

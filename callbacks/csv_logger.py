@@ -48,7 +48,9 @@ class CSVLogger(Callback):
 
     order = 200
 
-    def __init__(self, filename: str | os.PathLike, separator: str = ",", append: bool = False) -> None:
+    def __init__(
+        self, filename: str | os.PathLike, separator: str = ",", append: bool = False
+    ) -> None:
         if not isinstance(separator, str) or len(separator) != 1:
             raise ConfigError(f"CSVLogger: separator must be one character, got {separator!r}")
         self.filename = os.fspath(filename)

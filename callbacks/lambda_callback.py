@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from jaxfit.callback import HOOKS, Callback
 from jaxfit.errors import ConfigError
@@ -33,21 +34,25 @@ class LambdaCallback(Callback):
         >>> cb = LambdaCallback(on_epoch_end=lambda trainer, logs: seen.append(logs["loss"]))
     """
 
-    def __new__(cls, order: int = 0, state_key: str | None = None,
-                **hooks: Callable[..., Any] | None) -> LambdaCallback:
+    def __new__(
+        cls, order: int = 0, state_key: str | None = None, **hooks: Callable[..., Any] | None
+    ) -> LambdaCallback:
         unknown = sorted(set(hooks) - set(HOOKS))
         if unknown:
             raise ConfigError(f"LambdaCallback: unknown hooks {unknown}; hooks are {list(HOOKS)}")
         given = tuple(h for h in HOOKS if hooks.get(h) is not None)
         return super().__new__(_with_hooks(given))
 
-    def __init__(self, order: int = 0, state_key: str | None = None,
-                 **hooks: Callable[..., Any] | None) -> None:
+    def __init__(
+        self, order: int = 0, state_key: str | None = None, **hooks: Callable[..., Any] | None
+    ) -> None:
         if isinstance(order, bool) or not isinstance(order, int):
             raise ConfigError(f"LambdaCallback: order must be an int, got {order!r}")
         for name, fn in hooks.items():
             if fn is not None and not callable(fn):
-                raise ConfigError(f"LambdaCallback: {name} must be callable, got {type(fn).__name__}")
+                raise ConfigError(
+                    f"LambdaCallback: {name} must be callable, got {type(fn).__name__}"
+                )
         self.order = order
         self.hooks = {h: fn for h, fn in hooks.items() if fn is not None}
         self._state_key = state_key or f"LambdaCallback-{next(_instances)}"
@@ -76,7 +81,7 @@ def _forward(hook: str) -> Callable[..., Any]:
     return call
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _with_hooks(hooks: tuple[str, ...]) -> type:
     # The dispatcher calls a hook only when the callback's class overrides it, so each set
     # of given hooks gets a subclass that defines exactly those.

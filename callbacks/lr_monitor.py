@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from jaxfit.callback import Callback
 from jaxfit.errors import ConfigError, HyperparamError
@@ -35,7 +36,9 @@ class LearningRateMonitor(Callback):
         if isinstance(hyperparams, str):
             hyperparams = [hyperparams]
         if hyperparams is not None and not all(isinstance(n, str) for n in hyperparams):
-            raise ConfigError(f"LearningRateMonitor: hyperparams must be names, got {hyperparams!r}")
+            raise ConfigError(
+                f"LearningRateMonitor: hyperparams must be names, got {hyperparams!r}"
+            )
         self.hyperparams = None if hyperparams is None else list(hyperparams)
         self._names: list[str] = []
 

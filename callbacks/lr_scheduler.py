@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -124,10 +125,11 @@ def _check_traceable(fn: Callable[[Any], Any], schedule: Callable[[Any], Any]) -
     except Exception as e:  # any tracing failure: the message says which and why
         raise ConfigError(
             f"LRScheduler: the schedule {schedule!r} cannot run inside the jitted step "
-            f"({type(e).__name__}: {str(e).splitlines()[0]}). It receives the step count as a traced int32 "
-            "array: use jnp.where / jnp.minimum instead of Python if/min on it."
+            f"({type(e).__name__}: {str(e).splitlines()[0]}). It receives the step count as a "
+            "traced int32 array: use jnp.where / jnp.minimum instead of Python if/min on it."
         ) from e
     if getattr(out, "shape", None) != ():
         raise ConfigError(
-            f"LRScheduler: the schedule must return a scalar, got shape {getattr(out, 'shape', out)}"
+            "LRScheduler: the schedule must return a scalar, got shape "
+            f"{getattr(out, 'shape', out)}"
         )

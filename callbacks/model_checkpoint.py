@@ -8,26 +8,21 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
 from jaxfit.callback import Callback
 from jaxfit.checkpoint._recipe import DEFAULT_MAX_DATA_BYTES, pack_recipe
-from jaxfit.checkpoint._retention import resolve_mode
 from jaxfit.checkpoint._writer import RunWriter, SaveStats
 from jaxfit.errors import ConfigError
+
+from ._checks import check_count, check_every, check_number
+from ._monitor import MODES, infer_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.trainer import Trainer
 
 _SIGNAL_STOPS = ("preempted", "interrupted")
-
-
-def _check_count(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        none = " or None" if allow_none else ""
-        raise ConfigError(f"{name} must be an int >= {minimum}{none}, got {name} = {value!r}")
 
 
 def _owned_copy(tree: Any) -> Any:
@@ -104,23 +99,26 @@ class ModelCheckpoint(Callback):
                  every_n_steps: int | None = None, every_n_seconds: float | None = None,
                  keep_last: int | None = 3, keep_best: int | None = 1, *,
                  max_data_bytes: int = DEFAULT_MAX_DATA_BYTES, background: bool = True) -> None:
+        owner = type(self).__name__
         if not isinstance(directory, (str, os.PathLike)):
-            raise ConfigError(f"directory must be a path, got {type(directory).__name__}")
-        if monitor is not None and not isinstance(monitor, str):
-            raise ConfigError(f"monitor must be a log name such as 'val_loss', got {monitor!r}")
-        _check_count("every_n_epochs", every_n_epochs, 1)
-        _check_count("every_n_steps", every_n_steps, 1)
-        _check_count("keep_last", keep_last, 1)
-        _check_count("keep_best", keep_best, 0)
-        _check_count("max_data_bytes", max_data_bytes, 0, allow_none=False)
-        if every_n_seconds is not None and (isinstance(every_n_seconds, bool) or not isinstance(
-                every_n_seconds, (int, float)) or not every_n_seconds > 0):
-            raise ConfigError(f"every_n_seconds must be a positive number or None, "
-                              f"got every_n_seconds = {every_n_seconds!r}")
-        try:
-            self._mode = resolve_mode(monitor, mode)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(f"{owner}: directory must be a path, got {type(directory).__name__}")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ConfigError(f"{owner}: monitor must be a log key such as 'val_loss' or None, "
+                              f"got {monitor!r}")
+        if mode not in MODES:
+            raise ConfigError(f"{owner}: mode must be one of {MODES}, got mode = {mode!r}")
+        check_every(owner, "every_n_epochs", every_n_epochs)
+        check_every(owner, "every_n_steps", every_n_steps)
+        if keep_last is not None:
+            check_count(owner, "keep_last", keep_last, minimum=1)
+        if keep_best is not None:
+            check_count(owner, "keep_best", keep_best)
+        check_count(owner, "max_data_bytes", max_data_bytes)
+        if every_n_seconds is not None and check_number(owner, "every_n_seconds",
+                                                        every_n_seconds) == 0:
+            raise ConfigError(f"{owner}: every_n_seconds must be positive or None, got 0")
+        # The retention order of checkpoints; None when nothing is monitored.
+        self._mode = None if monitor is None else infer_mode(monitor) if mode == "auto" else mode
         self.directory = Path(directory)
         self.monitor, self.mode = monitor, mode
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
@@ -128,6 +126,7 @@ class ModelCheckpoint(Callback):
         self.keep_last, self.keep_best = keep_last, keep_best
         self.max_data_bytes, self.background = max_data_bytes, background
         self.stats = SaveStats()
+        self.skipped_nonfinite: list[int] = []
         self._writer: RunWriter | None = None
         self._saved_at: tuple[int, int] | None = None
         self._last_time = 0.0
@@ -150,6 +149,12 @@ class ModelCheckpoint(Callback):
         if self.monitor is not None:
             trainer.check_monitor(self.monitor, self)
         self.stats = SaveStats()
+        self.skipped_nonfinite = []
+        _refuse_another_run(self.directory, trainer)
+        if jax.process_index() != 0:
+            # Multi-host data parallelism: the state is replicated, one process writes it.
+            self._writer = None
+            return
         self._writer = RunWriter(self.directory, keep_last=self.keep_last,
                                  keep_best=self.keep_best, monitor=self.monitor,
                                  mode=self._mode, background=self.background)
@@ -165,6 +170,8 @@ class ModelCheckpoint(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         step = trainer.step
+        if self._writer is None:
+            return
         if self.every_n_steps is not None and (
                 step // self.every_n_steps > self._saved_at[0] // self.every_n_steps):
             self._save(trainer, "step")
@@ -174,7 +181,7 @@ class ModelCheckpoint(Callback):
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         self._last_logs = dict(logs)
-        if self.every_n_epochs is not None and trainer.epoch % self.every_n_epochs == 0:
+        if self._writer is not None and self.every_n_epochs is not None and trainer.epoch % self.every_n_epochs == 0:
             self._save(trainer, "epoch")
 
     def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
@@ -198,14 +205,55 @@ class ModelCheckpoint(Callback):
 
     # ------------------------------------------------------------------ saving
     def _save(self, trainer: Trainer, reason: str) -> None:
+        if trainer.stop_reason == "terminate_on_nan":
+            return  # non-finite values were seen: nothing from here on is worth resuming
+        # Steps are dispatched ahead of the device: wait for the ones under way first and
+        # account for that wait separately (the device was busy with training, not saving).
         start = time.perf_counter()
+        jax.block_until_ready(trainer.state)
+        copied = time.perf_counter()
+        self.stats.device_wait.append(copied - start)
         state = _owned_copy(trainer.state_dict())
-        copy_seconds = time.perf_counter() - start
+        copy_seconds = time.perf_counter() - copied
         step, batch = int(state["step"]), int(state["batch_in_epoch"])
+        if not _all_finite(state["train_state"]["params"]):
+            # NaN/inf weights never reach a checkpoint, whoever is watching the loss: a
+            # resume starts from the last finite state instead.
+            self.skipped_nonfinite.append(step)
+            warnings.warn(f"ModelCheckpoint: not saving step {step}: the params hold NaN or inf "
+                          "values; the checkpoints on disk keep the last finite state",
+                          RuntimeWarning, stacklevel=2)
+            self._saved_at = (step, batch)
+            return
         # Epoch logs describe this state only at an epoch boundary.
         metrics = self._last_logs if batch == 0 else {}
         self._writer.save(state, copy_seconds=copy_seconds, step=step, epoch=int(state["epoch"]),
+                          run_id=state.get("run_id"),
                           batch_in_epoch=batch, reason=reason, metrics=metrics,
                           monitor=self.monitor, mode=self._mode)
         self._saved_at = (step, batch)
         self._last_time = time.monotonic()
+
+
+def _all_finite(tree: Any) -> bool:
+    """True when every floating-point leaf of a nested dict of host arrays is finite."""
+    if isinstance(tree, dict):
+        return all(_all_finite(v) for v in tree.values())
+    arr = np.asarray(tree)
+    return not np.issubdtype(arr.dtype, np.inexact) or bool(np.isfinite(arr).all())
+
+
+def _refuse_another_run(directory: Path, trainer: Trainer) -> None:
+    """Never let a new run's retention delete another run's checkpoints."""
+    if not Path(directory).is_dir():
+        return
+    from jaxfit.checkpoint._manifest import scan
+
+    owners = {info.manifest.get("run_id") for info in scan(directory) if info.manifest}
+    others = sorted(o for o in owners if o and o != trainer.run_id)
+    if others:
+        raise ConfigError(
+            f"ModelCheckpoint: {directory} holds checkpoints of another run (run id {others[0]}); "
+            "this run would mix with them and its retention would delete them. Continue that "
+            f"run with Trainer.load({str(directory)!r}).fit(), or give this run a new directory."
+        )

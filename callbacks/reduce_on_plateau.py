@@ -152,7 +152,9 @@ class ReduceOnPlateau(MonitorCallback):
         self.reductions += 1
         self.total_factor *= step_factor
         if self.verbose:
-            print(f"Epoch {trainer.epoch}: ReduceOnPlateau lowered {name} from {old:.4g} to {new:.4g}")
+            print(
+                f"Epoch {trainer.epoch}: ReduceOnPlateau lowered {name} from {old:.4g} to {new:.4g}"
+            )
         return True
 
     def state_dict(self) -> dict[str, Any]:

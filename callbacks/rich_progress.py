@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import jax
 from rich.console import Console
@@ -60,13 +61,18 @@ class RichProgress(Callback):
         live: bool | None = None,
         hyperparams: Sequence[str] = ("learning_rate",),
     ) -> None:
-        if isinstance(refresh_per_second, bool) or not isinstance(refresh_per_second, (int, float)) \
-                or not 0 < refresh_per_second <= 60:
+        if (
+            isinstance(refresh_per_second, bool)
+            or not isinstance(refresh_per_second, (int, float))
+            or not 0 < refresh_per_second <= 60
+        ):
             raise ConfigError(
                 f"RichProgress: refresh_per_second must be in (0, 60], got {refresh_per_second!r}"
             )
         if console is not None and not isinstance(console, Console):
-            raise ConfigError(f"RichProgress: console must be a rich Console, got {type(console).__name__}")
+            raise ConfigError(
+                f"RichProgress: console must be a rich Console, got {type(console).__name__}"
+            )
         self.refresh_per_second = float(refresh_per_second)
         self.console = console
         self.live = live
@@ -115,7 +121,9 @@ class RichProgress(Callback):
                 refresh_per_second=self.refresh_per_second,
                 transient=True,
             )
-            self._task = self._progress.add_task("", total=self._per_epoch, speed="", eta="?", values="")
+            self._task = self._progress.add_task(
+                "", total=self._per_epoch, speed="", eta="?", values=""
+            )
             self._progress.start()
 
     def on_epoch_start(self, trainer: Trainer) -> None:
@@ -127,8 +135,13 @@ class RichProgress(Callback):
         self._clock = (self._epoch_t0, trainer.step) if self._first_step is not None else None
         if self._progress is not None:
             self._progress.reset(
-                self._task, total=self._per_epoch, completed=trainer.batch_in_epoch,
-                description=f"Epoch {trainer.epoch}/{self._epochs}", speed="", eta="?", values="",
+                self._task,
+                total=self._per_epoch,
+                completed=trainer.batch_in_epoch,
+                description=f"Epoch {trainer.epoch}/{self._epochs}",
+                speed="",
+                eta="?",
+                values="",
             )
 
     def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
@@ -183,8 +196,16 @@ class RichProgress(Callback):
         wall = time.perf_counter() - self._fit_t0
         self._fit_t0 = None
         mean = self._train_steps / self._train_s if self._train_s > 0 else None
-        text = fmt.summary(trainer.epoch, trainer.step, wall, self._first_step, mean, self._batch,
-                           logs.get("stop_reason"), self._last)
+        text = fmt.summary(
+            trainer.epoch,
+            trainer.step,
+            wall,
+            self._first_step,
+            mean,
+            self._batch,
+            logs.get("stop_reason"),
+            self._last,
+        )
         self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     # -------------------------------------------------------------- helpers
@@ -214,8 +235,12 @@ class RichProgress(Callback):
             left = self._per_epoch - trainer.batch_in_epoch
             eta = fmt.duration(left / speed)
             if self._epochs and self._epochs > trainer.epoch:  # the fit's ETA, training time only
-                eta += f" (fit {fmt.duration((left + (self._epochs - trainer.epoch) * self._per_epoch) / speed)})"
+                fit_left = left + (self._epochs - trainer.epoch) * self._per_epoch
+                eta += f" (fit {fmt.duration(fit_left / speed)})"
         self._progress.update(
-            self._task, completed=trainer.batch_in_epoch, speed=fmt.rates(speed, self._batch),
-            eta=eta, values=fmt.values(shown),
+            self._task,
+            completed=trainer.batch_in_epoch,
+            speed=fmt.rates(speed, self._batch),
+            eta=eta,
+            values=fmt.values(shown),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ from ._checks import EveryNSteps, check_every, primary_process
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.trainer import Trainer
 
+_files = itertools.count(1)
 _INSTALL = "TensorBoard needs tensorboardX: pip install 'jaxfit[tensorboard]' (or tensorboardX)"
 
 
@@ -74,8 +76,11 @@ class TensorBoard(Callback):
         if split not in self._writers:
             from tensorboardX import SummaryWriter
 
+            # Event files are named by the second they are opened in: a suffix unique to
+            # this process and writer keeps a quick second fit from reusing the name.
+            suffix = f".{os.getpid()}.{next(_files)}"
             self._writers[split] = SummaryWriter(
-                os.path.join(self.log_dir, split), purge_step=purge_step
+                os.path.join(self.log_dir, split), purge_step=purge_step, filename_suffix=suffix
             )
         return self._writers[split]
 

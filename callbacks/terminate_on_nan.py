@@ -20,7 +20,11 @@ STOP_REASON = "terminate_on_nan"
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
@@ -35,12 +39,11 @@ class TerminateOnNaN(Callback):
     "terminate_on_nan"`` and :attr:`detected`; the run stops at the end of the step under
     way.
 
-    Keeping NaN weights out of checkpoints is a contract with the checkpoint writer
-    (``tests/test_cb_nan_checkpoint.py`` is its acceptance test): ``ModelCheckpoint``
-    writes nothing once ``trainer.stop_reason == "terminate_on_nan"``, and before any save
-    it asks every TerminateOnNaN of the run for :meth:`check`, which tests the params and
-    model state themselves. This callback runs before ModelCheckpoint (order
-    -50 against 100), so an epoch-end save always sees the verdict on that epoch.
+    NaN weights never reach a checkpoint: ``ModelCheckpoint`` writes nothing once
+    ``trainer.stop_reason == "terminate_on_nan"`` (this callback runs before it, order -50
+    against 100, so an epoch-end save sees the verdict on that epoch), and it skips any save
+    whose params are not finite. :meth:`check` tests the weights on demand, for other
+    writers.
 
     A NaN guard inside the step (skip the update, count it) is
     ``optax.apply_if_finite``; this callback is for stopping the run.
@@ -87,6 +90,8 @@ class TerminateOnNaN(Callback):
 
     def check(self, trainer: Trainer) -> bool:
         """Whether the current weights may be saved: False once anything non-finite was seen.
+
+        For writers of weights other than ModelCheckpoint (an export, an EMA copy).
 
         Tests every float array of ``trainer.params`` and ``trainer.model_state`` on the
         device and reads back one bool (a sync, cheap beside writing a checkpoint). A

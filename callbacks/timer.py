@@ -33,7 +33,9 @@ def parse_duration(duration: float | int | str | datetime.timedelta) -> float:
     elif isinstance(duration, (int, float)) and not isinstance(duration, bool):
         seconds = float(duration)
     else:
-        raise ConfigError(f"Timer: duration must be seconds, a timedelta or 'HH:MM:SS', got {duration!r}")
+        raise ConfigError(
+            f"Timer: duration must be seconds, a timedelta or 'HH:MM:SS', got {duration!r}"
+        )
     if not seconds > 0:
         raise ConfigError(f"Timer: duration must be positive, got {duration!r}")
     return seconds
@@ -63,7 +65,9 @@ class Timer(Callback):
         9000.0
     """
 
-    def __init__(self, duration: float | int | str | datetime.timedelta, check: str = "step") -> None:
+    def __init__(
+        self, duration: float | int | str | datetime.timedelta, check: str = "step"
+    ) -> None:
         if check not in ("step", "epoch"):
             raise ConfigError(f"Timer: check must be 'step' or 'epoch', got check = {check!r}")
         self.duration = parse_duration(duration)

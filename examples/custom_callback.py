@@ -28,7 +28,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree_utils as otu
@@ -95,12 +94,19 @@ def main() -> None:
     if args.smoke:
         x, y = x[:256], y[:256]
     n_val = len(x) // 5
-    trainer = Trainer(optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=3e-3),
-                      loss="softmax_cross_entropy", metrics=["accuracy"], seed=0)
+    trainer = Trainer(
+        optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=3e-3),
+        loss="softmax_cross_entropy",
+        metrics=["accuracy"],
+        seed=0,
+    )
     stopper = StopAtTarget("val_accuracy", target=0.95, epochs=2)
     history = trainer.fit(
-        MLP(), (x[n_val:], y[n_val:]), validation_data=(x[:n_val], y[:n_val]),
-        epochs=2 if args.smoke else 40, batch_size=32,
+        MLP(),
+        (x[n_val:], y[n_val:]),
+        validation_data=(x[:n_val], y[:n_val]),
+        epochs=2 if args.smoke else 40,
+        batch_size=32,
         callbacks=[WeightNorm(), stopper, RichProgress()],
     )
     print("weight norm per epoch:", [round(v, 2) for v in history.history["weight_norm"]])

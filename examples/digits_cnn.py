@@ -8,6 +8,7 @@ to continue from the newest checkpoint with ``Trainer.load``.
 
     python examples/digits_cnn.py                # about 15 s on 2 CPU cores
     python examples/digits_cnn.py --epochs 30 --resume
+    python examples/digits_cnn.py --smoke        # 2 epochs on 300 images
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--run-dir", default="runs/digits_cnn")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir with Trainer.load")
+    p.add_argument("--smoke", action="store_true", help="2 epochs on 300 images, for a quick check")
     args = p.parse_args()
+    if args.smoke and not args.resume:
+        args.epochs = 2
 
     if args.resume and os.path.isdir(args.run_dir):
         trainer = Trainer.load(args.run_dir)
@@ -60,6 +64,8 @@ def main() -> None:
         trainer.fit(epochs=args.epochs)
     else:
         (x_train, y_train), (x_val, y_val) = digits()
+        if args.smoke:
+            (x_train, y_train), (x_val, y_val) = (x_train[:240], y_train[:240]), (x_val[:60], y_val[:60])
         steps_per_epoch = -(-len(x_train) // args.batch_size)
         total_steps = steps_per_epoch * args.epochs
         trainer = Trainer(

@@ -48,20 +48,37 @@ def main() -> None:
     xv, yv = noisy_regression(n // 4, seed=1)
     steps_per_epoch = -(-n // batch)
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=0.05, warmup_steps=steps_per_epoch, decay_steps=epochs * steps_per_epoch,
+        init_value=0.0,
+        peak_value=0.05,
+        warmup_steps=steps_per_epoch,
+        decay_steps=epochs * steps_per_epoch,
         end_value=1e-3,
     )
-    plateau = ReduceOnPlateau(monitor="val_loss", factor=0.5, patience=1 if args.smoke else 2,
-                              min_delta=2e-2 if args.smoke else 1e-3, min_lr=1e-4)
-    trainer = Trainer(optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.9),
-                      loss="mse", seed=0)
+    plateau = ReduceOnPlateau(
+        monitor="val_loss",
+        factor=0.5,
+        patience=1 if args.smoke else 2,
+        min_delta=2e-2 if args.smoke else 1e-3,
+        min_lr=1e-4,
+    )
+    trainer = Trainer(
+        optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.9),
+        loss="mse",
+        seed=0,
+    )
     history = trainer.fit(
-        MLP(), (x, y), validation_data=(xv, yv), epochs=epochs, batch_size=batch,
+        MLP(),
+        (x, y),
+        validation_data=(xv, yv),
+        epochs=epochs,
+        batch_size=batch,
         callbacks=[LRScheduler(schedule), plateau, LearningRateMonitor(), RichProgress()],
     )
 
     print(f"\n{'epoch':>5} {'val_loss':>9} {'schedule':>10} {'used':>10}  plateau factor")
-    for epoch, (val, used) in enumerate(zip(history.history["val_loss"], history.history["learning_rate"]), 1):
+    for epoch, (val, used) in enumerate(
+        zip(history.history["val_loss"], history.history["learning_rate"], strict=True), 1
+    ):
         scheduled = float(schedule(epoch * steps_per_epoch - 1))  # the epoch's last step
         print(f"{epoch:>5} {val:>9.4f} {scheduled:>10.2e} {used:>10.2e}  {used / scheduled:.4g}")
     print(f"{plateau.reductions} plateau reduction(s); total factor {plateau.total_factor:g}")

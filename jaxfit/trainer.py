@@ -7,6 +7,7 @@ import functools
 import math
 import signal
 import threading
+import uuid
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -149,6 +150,7 @@ class Trainer:
         self._compiled: dict[Any, Callable] = {}
         self._masks: dict[Any, jax.Array] = {}
         self._signal: str | None = None
+        self.run_id: str | None = None
         self.log_names: list[str] = []
         self.fit_config: dict[str, Any] = {}
 
@@ -220,6 +222,8 @@ class Trainer:
             step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=opt_state,
             hp_scales=scales, metrics=zero_metrics(list(self._metric_fns))))
         self._step, self._epochs_completed, self.batch_in_epoch = 0, 0, 0
+        # Names this run in its checkpoints, so a run directory is never taken over by another.
+        self.run_id = uuid.uuid4().hex
         self._builder = StepBuilder(self._adapter, self.optimizer, self._loss_fn, self._metric_fns,
                                     jax.random.fold_in(key, 1))
         self._compiled.clear()
@@ -574,6 +578,7 @@ class Trainer:
             "epoch": self._epochs_completed,
             "batch_in_epoch": self.batch_in_epoch,
             "seed": self.seed,
+            "run_id": self.run_id,
             "rng": _seed_key_data(self.seed).copy(),
             "input_spec": _spec_to_dict(self._input_spec),
             "history": self.history.state_dict(),
@@ -601,6 +606,7 @@ class Trainer:
         self._step, self._epochs_completed = int(sd["step"]), int(sd["epoch"])
         self.batch_in_epoch = int(sd["batch_in_epoch"])
         self.stop_reason = sd.get("stop_reason")
+        self.run_id = sd.get("run_id") or self.run_id
         self.history.load_state_dict(sd["history"])
         CallbackList(self._user_callbacks).load_state_dict(sd.get("callbacks", {}))
 
@@ -628,6 +634,23 @@ class Trainer:
         trainer._user_callbacks = list(recipe.get("callbacks", []))
         trainer._fit_args = dict(recipe.get("fit", {}))
         return trainer
+
+    def verify_resume(self, model: Any, data: Any, *, stop_at: int | Sequence[int] | None = None,
+                      callbacks: Sequence[Callback] = (), **fit_args: Any) -> Any:
+        """Check that stopping, saving, loading and fitting on reproduces the uninterrupted
+        run bit for bit, for this trainer's configuration on ``model`` and ``data``.
+
+        This trainer is a template and is not trained. See
+        ``jaxfit.checkpoint.verify_resume``; returns its ``ResumeReport`` (true when every
+        resumed run matched).
+
+        Example:
+            >>> report = trainer.verify_resume(Net(), (x, y), epochs=3, batch_size=32)  # doctest: +SKIP
+            >>> assert report, report  # doctest: +SKIP
+        """
+        from jaxfit.checkpoint import verify_resume
+
+        return verify_resume(self, model, data, stop_at=stop_at, callbacks=callbacks, **fit_args)
 
     @classmethod
     def load(cls, path: str, **kwargs: Any) -> Trainer:

@@ -4,7 +4,8 @@ Usage: python tests/ckpt_worker.py MODE RUN_DIR OUT [STEP]
   full   train uninterrupted, dump to OUT
   kill   train with checkpoints; SIGKILL itself at step STEP once the writer is idle
   kill_epoch  the same at the end of epoch STEP
-  race   train with checkpoints; SIGKILL itself at step STEP with a write possibly under way
+  race   train with checkpoints, writes slowed down; SIGKILL itself at step STEP while
+         the step-STEP checkpoint is being written
   term   train with checkpoints; SIGTERM itself at step STEP (expects exit status 143)
   resume Trainer.load(RUN_DIR).fit(), dump to OUT
 """
@@ -14,13 +15,17 @@ import pickle
 import signal
 import sys
 
+if os.environ.get("CKPT_WORKER_DEVICES"):  # before jax starts: several CPU devices, one mesh
+    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count="
+                               f"{os.environ['CKPT_WORKER_DEVICES']}")
+
 import flax.linen as nn
 import jax
 import numpy as np
 import optax
 
 from jaxfit import Callback, Trainer
-from jaxfit.callbacks import ModelCheckpoint
+from jaxfit.callbacks import EarlyStopping, LRScheduler, ModelCheckpoint, ReduceOnPlateau
 
 EPOCHS = 4
 
@@ -32,25 +37,6 @@ class Net(nn.Module):
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
         x = nn.Dropout(0.3, deterministic=not train)(x)
         return nn.Dense(3)(x)
-
-
-class HalveLR(Callback):
-    """A stateful host-side callback (like ReduceOnPlateau): halves the learning rate every
-    other epoch, counting epochs in its own checkpointed state."""
-
-    def __init__(self):
-        self.count = 0
-
-    def on_epoch_end(self, trainer, logs):
-        self.count += 1
-        if self.count % 2 == 0:
-            trainer.hyperparams["learning_rate"] = trainer.hyperparams["learning_rate"] / 2
-
-    def state_dict(self):
-        return {"count": self.count}
-
-    def load_state_dict(self, state):
-        self.count = int(state["count"])
 
 
 class Killer(Callback):
@@ -89,20 +75,51 @@ def data():
 def dump(trainer, history, out):
     result = {"params": jax.device_get(trainer.params),
               "model_state": jax.device_get(trainer.model_state),
-              "history": history.history, "step": trainer.step, "epoch": trainer.epoch}
+              "history": history.history, "step": trainer.step, "epoch": trainer.epoch,
+              "callbacks": {k: v for k, v in trainer.state_dict()["callbacks"].items()
+                            if k not in ("Killer", "ModelCheckpoint")}}
     with open(out, "wb") as f:
         pickle.dump(result, f)
 
 
+def slow_down_writes():
+    """Holds every state file open for a while after writing it (before fsync and rename),
+    so that the kill lands in the middle of a checkpoint write."""
+    import time
+
+    from jaxfit.checkpoint import _msgpack
+
+    write_tree = _msgpack.write_tree
+
+    def slow(fileobj, tree):
+        write_tree(fileobj, tree)
+        time.sleep(3.0)
+
+    _msgpack.write_tree = slow
+
+
+def mesh():
+    n = int(os.environ.get("CKPT_WORKER_DEVICES") or 0)
+    return jax.make_mesh((n,), ("data",)) if n else None
+
+
 def main(mode, run_dir, out, step=None):
     if mode == "resume":
-        trainer = Trainer.load(run_dir)
+        trainer = Trainer.load(run_dir, mesh=mesh())
         dump(trainer, trainer.fit(), out)
         return
+    if mode == "race":
+        slow_down_writes()
     train, val = data()
     trainer = Trainer(optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=0.02),
-                      metrics=["accuracy"], seed=3)
-    callbacks = [HalveLR()]
+                      metrics=["accuracy"], seed=3, mesh=mesh())
+    # Stateful callbacks whose state must survive the kill: a per-step schedule, a plateau
+    # reduction scaling it, and early stopping. The huge min_delta makes every epoch after
+    # the first a plateau, so the reduction fires each epoch and early stopping ends the
+    # run after epoch 3 (of EPOCHS): their counters decide the outcome.
+    callbacks = [LRScheduler(optax.cosine_decay_schedule(0.02, 20)),
+                 ReduceOnPlateau(monitor="val_loss", factor=0.5, patience=0, min_delta=1e3),
+                 EarlyStopping(monitor="val_loss", patience=2, min_delta=1e3)]
     if mode != "full":
         callbacks.append(ModelCheckpoint(run_dir, monitor="val_loss", every_n_steps=5,
                                          keep_last=2, keep_best=1))

@@ -20,10 +20,23 @@ def read(path):
 def test_writes_one_row_per_epoch_with_every_log_key(tmp_path):
     path = tmp_path / "log.csv"
     trainer = make_trainer()
-    history = trainer.fit(MLP(), tiny_data(), validation_data=tiny_data(16, seed=1), epochs=3, batch_size=16,
-                          callbacks=[CSVLogger(path), LearningRateMonitor()])
+    history = trainer.fit(
+        MLP(),
+        tiny_data(),
+        validation_data=tiny_data(16, seed=1),
+        epochs=3,
+        batch_size=16,
+        callbacks=[CSVLogger(path), LearningRateMonitor()],
+    )
     rows = read(path)
-    assert list(rows[0]) == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
+    assert list(rows[0]) == [
+        "epoch",
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+        "learning_rate",
+    ]
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     # Full precision: the floats read back are exactly the History's.
     assert [float(r["val_loss"]) for r in rows] == history.history["val_loss"]
@@ -36,8 +49,13 @@ def test_a_key_first_seen_later_adds_a_column(tmp_path):
         if trainer.epoch >= 2:
             logs["extra"] = trainer.epoch * 10
 
-    make_trainer().fit(MLP(), tiny_data(), epochs=3, batch_size=16,
-                       callbacks=[LambdaCallback(on_epoch_end=late_key), CSVLogger(path)])
+    make_trainer().fit(
+        MLP(),
+        tiny_data(),
+        epochs=3,
+        batch_size=16,
+        callbacks=[LambdaCallback(on_epoch_end=late_key), CSVLogger(path)],
+    )
     rows = read(path)
     assert [r["extra"] for r in rows] == ["", "20", "30"]
 
@@ -64,7 +82,9 @@ def test_a_new_run_replaces_the_file_only_when_its_first_epoch_ends(tmp_path):
     path = tmp_path / "log.csv"
     path.write_text("epoch,loss\n1,0.5\n")
     with pytest.raises(DataError):  # x and y lengths differ: fails before any epoch
-        make_trainer().fit(MLP(), (tiny_data()[0], tiny_data()[1][:10]), epochs=1, callbacks=[CSVLogger(path)])
+        make_trainer().fit(
+            MLP(), (tiny_data()[0], tiny_data()[1][:10]), epochs=1, callbacks=[CSVLogger(path)]
+        )
     assert path.read_text() == "epoch,loss\n1,0.5\n"
     make_trainer().fit(MLP(), tiny_data(), epochs=1, batch_size=16, callbacks=[CSVLogger(path)])
     assert [r["epoch"] for r in read(path)] == ["1"] and "accuracy" in read(path)[0]
@@ -73,14 +93,18 @@ def test_a_new_run_replaces_the_file_only_when_its_first_epoch_ends(tmp_path):
 def test_append_keeps_the_rows_of_an_earlier_run(tmp_path):
     path = tmp_path / "log.csv"
     make_trainer().fit(MLP(), tiny_data(), epochs=2, batch_size=16, callbacks=[CSVLogger(path)])
-    make_trainer().fit(MLP(), tiny_data(), epochs=1, batch_size=16, callbacks=[CSVLogger(path, append=True)])
+    make_trainer().fit(
+        MLP(), tiny_data(), epochs=1, batch_size=16, callbacks=[CSVLogger(path, append=True)]
+    )
     assert [r["epoch"] for r in read(path)] == ["1", "2", "1"]
     assert not list(tmp_path.glob("*.tmp*"))
 
 
 def test_separator(tmp_path):
     path = tmp_path / "log.tsv"
-    make_trainer().fit(MLP(), tiny_data(), epochs=1, batch_size=16, callbacks=[CSVLogger(path, separator="\t")])
+    make_trainer().fit(
+        MLP(), tiny_data(), epochs=1, batch_size=16, callbacks=[CSVLogger(path, separator="\t")]
+    )
     assert path.read_text().splitlines()[0] == "epoch\tloss\taccuracy"
     with pytest.raises(ConfigError, match="separator must be one character"):
         CSVLogger(path, separator=", ")

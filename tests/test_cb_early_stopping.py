@@ -38,8 +38,11 @@ TABLE = {
     "patience 1 is patience 0 (Keras 3)": (dict(patience=1), [3, 2, 2, 1], 3),
     "negative values, min": (dict(patience=2), [-1, -2, -1.5, -1.9, -1.95], 4),
     "negative values, max": (dict(patience=2, mode="max"), [-5, -4, -4.5, -4.2], 4),
-    "baseline not beaten: wait keeps growing while improving":
-        (dict(patience=2, baseline=0.5), [3, 2, 1, 1], 4),
+    "baseline not beaten: wait keeps growing while improving": (
+        dict(patience=2, baseline=0.5),
+        [3, 2, 1, 1],
+        4,
+    ),
     "same values without a baseline": (dict(patience=2), [3, 2, 1, 1], None),
     "baseline beaten": (dict(patience=2, baseline=2.5), [3, 2, 1.9, 1.9, 1.9], 5),
 }
@@ -56,7 +59,9 @@ def test_decision_table(kwargs, values, stopped_at):
 def snapshots():
     """A callback keeping a host copy of the params at every epoch end."""
     kept = {}
-    return kept, LambdaCallback(order=100, on_epoch_end=lambda t, logs: kept.__setitem__(t.epoch, leaves(t.params)))
+    return kept, LambdaCallback(
+        order=100, on_epoch_end=lambda t, logs: kept.__setitem__(t.epoch, leaves(t.params))
+    )
 
 
 def test_restore_best_puts_the_best_epochs_weights_back_after_an_early_stop():
@@ -64,11 +69,17 @@ def test_restore_best_puts_the_best_epochs_weights_back_after_an_early_stop():
     trainer = make_trainer()
     # Training lowers val_loss every epoch: in "max" mode epoch 1 is the best.
     stop = EarlyStopping(monitor="val_loss", mode="max", patience=2, restore_best=True)
-    history = trainer.fit(MLP(), tiny_data(), validation_data=tiny_data(16, seed=1), epochs=10,
-                          batch_size=16, callbacks=[stop, snap])
+    history = trainer.fit(
+        MLP(),
+        tiny_data(),
+        validation_data=tiny_data(16, seed=1),
+        epochs=10,
+        batch_size=16,
+        callbacks=[stop, snap],
+    )
     assert trainer.stop_reason == "early_stopping" and len(history.history["loss"]) == 3
     assert stop.best_epoch == 1
-    for got, best, last in zip(leaves(trainer.params), kept[1], kept[3]):
+    for got, best, last in zip(leaves(trainer.params), kept[1], kept[3], strict=True):
         np.testing.assert_array_equal(got, best)
         assert not np.array_equal(got, last)
 
@@ -77,19 +88,31 @@ def test_restore_best_also_applies_when_all_epochs_ran():
     kept, snap = snapshots()
     trainer = make_trainer()
     stop = EarlyStopping(monitor="val_loss", mode="max", patience=10, restore_best=True)
-    trainer.fit(MLP(), tiny_data(), validation_data=tiny_data(16, seed=1), epochs=3, batch_size=16,
-                callbacks=[stop, snap])
+    trainer.fit(
+        MLP(),
+        tiny_data(),
+        validation_data=tiny_data(16, seed=1),
+        epochs=3,
+        batch_size=16,
+        callbacks=[stop, snap],
+    )
     assert trainer.stop_reason is None
-    for got, best in zip(leaves(trainer.params), kept[1]):
+    for got, best in zip(leaves(trainer.params), kept[1], strict=True):
         np.testing.assert_array_equal(got, best)
 
 
 def test_without_restore_best_the_last_weights_stay():
     kept, snap = snapshots()
     trainer = make_trainer()
-    trainer.fit(MLP(), tiny_data(), validation_data=tiny_data(16, seed=1), epochs=10, batch_size=16,
-                callbacks=[EarlyStopping(monitor="val_loss", mode="max", patience=1), snap])
-    for got, last in zip(leaves(trainer.params), kept[2]):
+    trainer.fit(
+        MLP(),
+        tiny_data(),
+        validation_data=tiny_data(16, seed=1),
+        epochs=10,
+        batch_size=16,
+        callbacks=[EarlyStopping(monitor="val_loss", mode="max", patience=1), snap],
+    )
+    for got, last in zip(leaves(trainer.params), kept[2], strict=True):
         np.testing.assert_array_equal(got, last)
 
 
@@ -97,8 +120,14 @@ def test_state_with_best_weights_survives_a_resume():
     kept, snap = snapshots()
     trainer = make_trainer()
     stop = EarlyStopping(monitor="val_loss", mode="max", patience=3, restore_best=True)
-    trainer.fit(MLP(), tiny_data(), validation_data=tiny_data(16, seed=1), epochs=2, batch_size=16,
-                callbacks=[stop, snap])
+    trainer.fit(
+        MLP(),
+        tiny_data(),
+        validation_data=tiny_data(16, seed=1),
+        epochs=2,
+        batch_size=16,
+        callbacks=[stop, snap],
+    )
     resumed = resume(trainer)
     resumed.fit(epochs=10)
     stop2 = resumed.callbacks.find(EarlyStopping)[0]
@@ -106,7 +135,7 @@ def test_state_with_best_weights_survives_a_resume():
     # wait carried over (1 after epoch 2): it reaches 3 at epoch 4; a fresh count would
     # have stopped at epoch 5.
     assert resumed.stop_reason == "early_stopping" and stop2.stopped_epoch == 4
-    for got, best in zip(leaves(resumed.params), kept[1]):
+    for got, best in zip(leaves(resumed.params), kept[1], strict=True):
         np.testing.assert_array_equal(got, best)
 
 
@@ -115,7 +144,13 @@ def test_state_dict_is_plain_data():
     run_table(stop, [3, 2, 2])
     fresh = EarlyStopping(monitor="loss", patience=2)
     fresh.load_state_dict(stop.state_dict())
-    assert fresh.state_dict() == {"best": 2.0, "wait": 1, "best_epoch": 2, "stopped_epoch": 0, "best_weights": None}
+    assert fresh.state_dict() == {
+        "best": 2.0,
+        "wait": 1,
+        "best_epoch": 2,
+        "stopped_epoch": 0,
+        "best_weights": None,
+    }
 
 
 def test_a_new_run_resets_the_state():
@@ -126,14 +161,20 @@ def test_a_new_run_resets_the_state():
 
 
 def test_unknown_monitor_fails_at_fit_start():
-    with pytest.raises(MonitorError, match="EarlyStopping monitors 'val_accuracy'.*validation_data"):
-        make_trainer().fit(MLP(), tiny_data(), epochs=1, callbacks=[EarlyStopping(monitor="val_accuracy")])
+    with pytest.raises(
+        MonitorError, match="EarlyStopping monitors 'val_accuracy'.*validation_data"
+    ):
+        make_trainer().fit(
+            MLP(), tiny_data(), epochs=1, callbacks=[EarlyStopping(monitor="val_accuracy")]
+        )
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(patience=-1), "patience must be an integer >= 0"),
-     (dict(start_from_epoch=1.0), "start_from_epoch must be an integer >= 0")],
+    [
+        (dict(patience=-1), "patience must be an integer >= 0"),
+        (dict(start_from_epoch=1.0), "start_from_epoch must be an integer >= 0"),
+    ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -13,15 +13,25 @@ from jaxfit.callbacks._monitor import infer_mode
 
 @pytest.mark.parametrize(
     "name, mode",
-    [("loss", "min"), ("val_loss", "min"), ("val_mse", "min"), ("mean_absolute_error", "min"),
-     ("accuracy", "max"), ("val_accuracy", "max"), ("top_5_accuracy", "max"), ("val_auc", "max")],
+    [
+        ("loss", "min"),
+        ("val_loss", "min"),
+        ("val_mse", "min"),
+        ("mean_absolute_error", "min"),
+        ("accuracy", "max"),
+        ("val_accuracy", "max"),
+        ("top_5_accuracy", "max"),
+        ("val_auc", "max"),
+    ],
 )
 def test_auto_mode_follows_what_the_name_measures(name, mode):
     assert infer_mode(name) == mode
 
 
 def test_auto_mode_refuses_to_guess_an_unknown_name():
-    with pytest.raises(ConfigError, match="cannot tell whether 'val_score'.*mode='min' or mode='max'"):
+    with pytest.raises(
+        ConfigError, match="cannot tell whether 'val_score'.*mode='min' or mode='max'"
+    ):
         MonitorCallback(monitor="val_score")
 
 
@@ -56,7 +66,10 @@ def test_starting_best_is_the_worst_value_of_the_mode():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(mode="minimum"), r"mode must be one of \('auto', 'min', 'max'\), got mode = 'minimum'"),
+        (
+            dict(mode="minimum"),
+            r"mode must be one of \('auto', 'min', 'max'\), got mode = 'minimum'",
+        ),
         (dict(min_delta=-0.1), r"min_delta must be a number >= 0.0, got min_delta = -0.1"),
         (dict(monitor=""), "monitor must be a log key"),
     ],

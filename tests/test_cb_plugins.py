@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import jaxfit.callbacks as callbacks
 from jaxfit import Callback
@@ -48,9 +48,24 @@ def test_a_plugin_never_replaces_a_builtin(plugin_on_path):
     assert load("EarlyStopping") is callbacks.EarlyStopping
 
 
+def test_every_registered_builtin_loads_as_a_callback():
+    from jaxfit.callbacks._plugins import BUILTINS
+
+    plugins = available()
+    for name in BUILTINS:
+        assert issubclass(plugins[name].load(), Callback), name
+
+
 def test_builtins_are_listed_without_an_install():
     plugins = available()
-    for name in ["EarlyStopping", "LRScheduler", "ReduceOnPlateau", "RichProgress", "History", "Timer"]:
+    for name in [
+        "EarlyStopping",
+        "LRScheduler",
+        "ReduceOnPlateau",
+        "RichProgress",
+        "History",
+        "Timer",
+    ]:
         assert plugins[name].load() is getattr(callbacks, name)
     assert list(plugins) == sorted(plugins)
 
@@ -58,8 +73,11 @@ def test_builtins_are_listed_without_an_install():
 def test_pyproject_registers_every_builtin_the_package_exports():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     registered = pyproject["project"]["entry-points"]["jaxfit.callbacks"]
-    exported = {n for n, obj in vars(callbacks).items()
-                if isinstance(obj, type) and issubclass(obj, Callback) and not n.startswith("Monitor")}
+    exported = {
+        n
+        for n, obj in vars(callbacks).items()
+        if isinstance(obj, type) and issubclass(obj, Callback) and not n.startswith("Monitor")
+    }
     assert exported <= set(registered)
     assert all(v == f"jaxfit.callbacks:{k}" for k, v in registered.items())
     from jaxfit.callbacks._plugins import BUILTINS
@@ -68,5 +86,7 @@ def test_pyproject_registers_every_builtin_the_package_exports():
 
 
 def test_unknown_plugin_names_the_installed_ones():
-    with pytest.raises(KeyError, match="no callback plugin named 'Wandb'; installed: CSVLogger, EarlyStopping"):
+    with pytest.raises(
+        KeyError, match="no callback plugin named 'Wandb'; installed: CSVLogger, EarlyStopping"
+    ):
         load("Wandb")

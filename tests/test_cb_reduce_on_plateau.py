@@ -37,7 +37,11 @@ TABLE = {
     "an improvement resets wait": (dict(patience=1), [3, 2, 2, 1, 1], [0, 0, 1, 1, 2]),
     "min_delta": (dict(patience=1, min_delta=0.5), [3, 2.6, 2.4, 1.0], [0, 1, 1, 1]),
     "cooldown": (dict(patience=1, cooldown=2), [1, 1, 1, 1, 1, 1], [0, 1, 1, 2, 2, 3]),
-    "cooldown epochs still record a new best": (dict(patience=1, cooldown=1), [5, 5, 4, 4], [0, 1, 1, 2]),
+    "cooldown epochs still record a new best": (
+        dict(patience=1, cooldown=1),
+        [5, 5, 4, 4],
+        [0, 1, 1, 2],
+    ),
     "negative values, min": (dict(patience=1), [-1, -2, -2, -3], [0, 0, 1, 1]),
     "negative values, max": (dict(patience=1, mode="max"), [-5, -4, -4, -4], [0, 0, 1, 2]),
     "NaN is no improvement": (dict(patience=1), [1, math.nan, 0.5], [0, 1, 1]),
@@ -65,13 +69,23 @@ def test_state_dict_round_trip_restores_the_counters(trainer):
     run_table(trainer, a, [2, 2, 2])
     b = ReduceOnPlateau(monitor="loss", factor=0.5, patience=1, cooldown=3)
     b.load_state_dict(a.state_dict())
-    assert b.state_dict() == a.state_dict() == {
-        "best": 2.0, "wait": 0, "cooldown_counter": 2, "reductions": 1, "total_factor": 0.5,
-    }
+    assert (
+        b.state_dict()
+        == a.state_dict()
+        == {
+            "best": 2.0,
+            "wait": 0,
+            "cooldown_counter": 2,
+            "reductions": 1,
+            "total_factor": 0.5,
+        }
+    )
 
 
 def record_lr(values):
-    return LambdaCallback(on_train_batch_end=lambda t, logs: values.append(t.hyperparams["learning_rate"]))
+    return LambdaCallback(
+        on_train_batch_end=lambda t, logs: values.append(t.hyperparams["learning_rate"])
+    )
 
 
 def test_with_lrscheduler_every_step_uses_schedule_times_plateau_factor():
@@ -82,8 +96,14 @@ def test_with_lrscheduler_every_step_uses_schedule_times_plateau_factor():
     # min_delta so large that nothing after the first epoch improves: a reduction at the
     # end of epochs 2, 3, 4 and 5.
     plateau = ReduceOnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=1e9)
-    trainer.fit(MLP(), (x, y), epochs=5, batch_size=16, shuffle=False,
-                callbacks=[plateau, LRScheduler(schedule), record_lr(used)])
+    trainer.fit(
+        MLP(),
+        (x, y),
+        epochs=5,
+        batch_size=16,
+        shuffle=False,
+        callbacks=[plateau, LRScheduler(schedule), record_lr(used)],
+    )
     reductions = [0] * 4 + [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4  # per step, 4 steps an epoch
     expected = [np.float32(schedule(k)) * np.float32(0.5**n) for k, n in enumerate(reductions)]
     np.testing.assert_allclose(used, expected, rtol=1e-6)
@@ -95,8 +115,13 @@ def test_with_lrscheduler_min_lr_bounds_the_reduction_at_the_time_it_is_made():
     used = []
     trainer = make_trainer()
     plateau = ReduceOnPlateau(monitor="loss", factor=0.1, patience=0, min_delta=1e9, min_lr=0.05)
-    trainer.fit(MLP(), (x, y), epochs=3, batch_size=16,
-                callbacks=[LRScheduler(optax.constant_schedule(0.2)), plateau, record_lr(used)])
+    trainer.fit(
+        MLP(),
+        (x, y),
+        epochs=3,
+        batch_size=16,
+        callbacks=[LRScheduler(optax.constant_schedule(0.2)), plateau, record_lr(used)],
+    )
     # End of epoch 2: 0.2 * 0.1 would fall below 0.05, so the scale becomes 0.05 / 0.2.
     np.testing.assert_allclose(used, [0.2] * 8 + [0.05] * 4, rtol=1e-6)
     np.testing.assert_allclose(trainer.hyperparams.scale("learning_rate"), 0.25, rtol=1e-6)
@@ -119,27 +144,40 @@ def test_state_survives_a_resume_mid_plateau():
     assert p2 is not p1 and p2.state_dict() == p1.state_dict()
     # Reductions at the end of epochs 3 (the resume point) and 5.
     assert p2.reductions == 2 and p2.wait == 1 and p2.cooldown_counter == 0
-    assert resumed.hyperparams["learning_rate"] == straight.hyperparams["learning_rate"] == np.float32(0.025)
+    assert (
+        resumed.hyperparams["learning_rate"]
+        == straight.hyperparams["learning_rate"]
+        == np.float32(0.025)
+    )
 
 
 def test_unknown_monitor_fails_at_fit_start_listing_the_logs():
     x, y = tiny_data()
-    with pytest.raises(MonitorError, match="ReduceOnPlateau monitors 'val_loss'.*Available: loss, accuracy.*validation_data"):
+    with pytest.raises(
+        MonitorError,
+        match="ReduceOnPlateau monitors 'val_loss'.*Available: loss, accuracy.*validation_data",
+    ):
         make_trainer().fit(MLP(), (x, y), epochs=1, callbacks=[ReduceOnPlateau()])
 
 
 def test_hyperparameter_that_is_not_injected_fails_at_fit_start():
     x, y = tiny_data()
     trainer = make_trainer(optimizer=optax.sgd(0.1))
-    with pytest.raises(HyperparamError, match="'learning_rate' is not injected.*inject_hyperparams"):
+    with pytest.raises(
+        HyperparamError, match="'learning_rate' is not injected.*inject_hyperparams"
+    ):
         trainer.fit(MLP(), (x, y), epochs=1, callbacks=[ReduceOnPlateau(monitor="loss")])
     assert trainer.step == 0
 
 
 def test_hyperparameter_injected_as_a_schedule_fails_at_fit_start():
     x, y = tiny_data()
-    trainer = make_trainer(optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=optax.constant_schedule(0.1)))
-    with pytest.raises(HyperparamError, match="ReduceOnPlateau writes 'learning_rate'.*injected as a schedule"):
+    trainer = make_trainer(
+        optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=optax.constant_schedule(0.1))
+    )
+    with pytest.raises(
+        HyperparamError, match="ReduceOnPlateau writes 'learning_rate'.*injected as a schedule"
+    ):
         trainer.fit(MLP(), (x, y), epochs=1, callbacks=[ReduceOnPlateau(monitor="loss")])
 
 

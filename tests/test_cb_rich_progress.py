@@ -45,8 +45,15 @@ def live_console() -> tuple[Console, io.StringIO]:
 
 def fit(progress, epochs=2, extra=(), **kw):
     trainer = make_trainer()
-    trainer.fit(MLP(), tiny_data(), validation_data=tiny_data(16, seed=1), epochs=epochs, batch_size=16,
-                callbacks=[progress, *extra], **kw)
+    trainer.fit(
+        MLP(),
+        tiny_data(),
+        validation_data=tiny_data(16, seed=1),
+        epochs=epochs,
+        batch_size=16,
+        callbacks=[progress, *extra],
+        **kw,
+    )
     return trainer
 
 
@@ -57,8 +64,11 @@ def test_plain_mode_prints_one_line_per_epoch_and_a_summary():
     lines = out.getvalue().splitlines()
     assert len(lines) == 5  # 3 epochs, the summary and its values line
     for epoch, line in enumerate(lines[:3], start=1):
-        assert re.match(rf"Epoch {epoch}/3 - \S+ - [\d.]+ steps/s, \d+ samples/s - loss \d\.\d{{4}}  accuracy "
-                        r"\d\.\d{4}  val_loss \d\.\d{4}  val_accuracy \d\.\d{4}  learning_rate 0\.1000$", line)
+        assert re.match(
+            rf"Epoch {epoch}/3 - \S+ - [\d.]+ steps/s, \d+ samples/s - loss \d\.\d{{4}}  accuracy "
+            r"\d\.\d{4}  val_loss \d\.\d{4}  val_accuracy \d\.\d{4}  learning_rate 0\.1000$",
+            line,
+        )
     assert lines[3].startswith("Trained 3 epochs (12 steps) in ")
     assert "first step (with compilation)" in lines[3]
 
@@ -72,8 +82,16 @@ def test_live_mode_prints_a_table_row_per_epoch_and_a_summary():
     assert "Epoch 3/3" in text  # the live bar
     header = [ln for ln in text.splitlines() if "val_accuracy" in ln and "steps/s" in ln]
     assert len(header) == 1  # printed with the first row only
-    assert header[0].split() == ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate",
-                                 "time", "steps/s"]
+    assert header[0].split() == [
+        "epoch",
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_accuracy",
+        "learning_rate",
+        "time",
+        "steps/s",
+    ]
     rows = re.findall(r"^\s+([123])/3\s+\d\.\d{4}", text, flags=re.M)
     assert rows == ["1", "2", "3"]
     assert "Trained 3 epochs (12 steps)" in text
@@ -84,9 +102,15 @@ def test_throughput_leaves_the_first_execution_out(clock):
     def tick(trainer, logs):
         clock.now += 100.0 if trainer.step == 1 else 1.0
 
-    slow_val = LambdaCallback(on_validation_end=lambda t, logs: setattr(clock, "now", clock.now + 50.0))
+    slow_val = LambdaCallback(
+        on_validation_end=lambda t, logs: setattr(clock, "now", clock.now + 50.0)
+    )
     console, out = plain_console()
-    fit(RichProgress(console=console), epochs=2, extra=[LambdaCallback(order=-1, on_train_batch_end=tick), slow_val])
+    fit(
+        RichProgress(console=console),
+        epochs=2,
+        extra=[LambdaCallback(order=-1, on_train_batch_end=tick), slow_val],
+    )
     lines = out.getvalue().splitlines()
     # Epoch 1: steps 2-4 in 3 s. Epoch 2: its 4 steps in 4 s. Validation is not training time.
     assert " - 1.0 steps/s, 16 samples/s - " in lines[0]
@@ -121,11 +145,17 @@ def test_values_are_fetched_from_the_device_only_at_refresh(clock):
             task = progress._progress.tasks[0]
             shown.update(task.fields, completed=task.completed)
 
-    fit(progress, epochs=3, extra=[
-        LambdaCallback(on_fit_start=spy),
-        LambdaCallback(order=-1, on_train_batch_end=lambda t, logs: setattr(clock, "now", clock.now + 0.5)),
-        LambdaCallback(order=300, on_train_batch_end=look),
-    ])
+    fit(
+        progress,
+        epochs=3,
+        extra=[
+            LambdaCallback(on_fit_start=spy),
+            LambdaCallback(
+                order=-1, on_train_batch_end=lambda t, logs: setattr(clock, "now", clock.now + 0.5)
+            ),
+            LambdaCallback(order=300, on_train_batch_end=look),
+        ],
+    )
     assert fetched == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
     # Step 6 is batch 2 of epoch 2, whose clock ran 1 s for 2 steps: 2 steps/s; 2 steps
     # left in the epoch (1 s) and 4 in epoch 3 (2 s more).
@@ -140,7 +170,9 @@ def test_pickles_mid_fit_and_prints_again_after_unpickling(make_console):
     console, out = make_console()
     progress = RichProgress(console=console)
     pickled = []
-    grab = LambdaCallback(order=300, on_epoch_end=lambda t, logs: pickled.append(cloudpickle.dumps(progress)))
+    grab = LambdaCallback(
+        order=300, on_epoch_end=lambda t, logs: pickled.append(cloudpickle.dumps(progress))
+    )
     fit(progress, epochs=1, extra=[grab])
     clone = cloudpickle.loads(pickled[0])
     assert clone.console is None
@@ -164,8 +196,10 @@ def test_a_failed_fit_start_elsewhere_is_reported_as_is():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(refresh_per_second=0), r"refresh_per_second must be in \(0, 60\], got 0"),
-     (dict(console="stdout"), "console must be a rich Console, got str")],
+    [
+        (dict(refresh_per_second=0), r"refresh_per_second must be in \(0, 60\], got 0"),
+        (dict(console="stdout"), "console must be a rich Console, got str"),
+    ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ConfigError, match=match):

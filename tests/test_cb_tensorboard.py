@@ -15,17 +15,22 @@ from jaxfit.callbacks import LambdaCallback, LearningRateMonitor, TensorBoard
 event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
 
 
+def records(path):
+    """The events of one file (TFRecord framing: length, its crc, data, data crc)."""
+    data, pos = path.read_bytes(), 0
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
+        yield event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+        pos += 12 + length + 4
+
+
 def events(directory):
     """(file index, step, tag, value) of every scalar, and the purge steps, in write order."""
+    files = [list(records(p)) for p in directory.glob("events.out.tfevents.*")]
+    files.sort(key=lambda evs: evs[0].wall_time)  # each file opens with a version event
     scalars, purges = [], []
-    for i, path in enumerate(sorted(directory.glob("events.out.tfevents.*"))):
-        data = path.read_bytes()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            record = data[pos + 12:pos + 12 + length]
-            pos += 12 + length + 4
-            event = event_pb2.Event.FromString(record)
+    for i, evs in enumerate(files):
+        for event in evs:
             if event.HasField("session_log"):
                 purges.append(event.step)
             for value in event.summary.value:
@@ -35,21 +40,38 @@ def events(directory):
 
 def test_epoch_scalars_split_into_train_and_validation(tmp_path):
     trainer = make_trainer()
-    history = trainer.fit(MLP(), tiny_data(), validation_data=tiny_data(16, seed=1), epochs=2, batch_size=16,
-                          callbacks=[LearningRateMonitor(), TensorBoard(tmp_path)])
+    history = trainer.fit(
+        MLP(),
+        tiny_data(),
+        validation_data=tiny_data(16, seed=1),
+        epochs=2,
+        batch_size=16,
+        callbacks=[LearningRateMonitor(), TensorBoard(tmp_path)],
+    )
     train, _ = events(tmp_path / "train")
     val, _ = events(tmp_path / "validation")
     by_tag = lambda rows, tag: [(s, pytest.approx(v)) for _, s, t, v in rows if t == tag]  # noqa: E731
-    assert by_tag(train, "epoch_loss") == list(zip([4, 8], history.history["loss"]))
-    assert by_tag(val, "epoch_loss") == list(zip([4, 8], history.history["val_loss"]))
-    assert by_tag(val, "epoch_accuracy") == list(zip([4, 8], history.history["val_accuracy"]))
-    assert by_tag(train, "epoch_learning_rate") == [(4, pytest.approx(0.1)), (8, pytest.approx(0.1))]
+    assert by_tag(train, "epoch_loss") == list(zip([4, 8], history.history["loss"], strict=True))
+    assert by_tag(val, "epoch_loss") == list(zip([4, 8], history.history["val_loss"], strict=True))
+    assert by_tag(val, "epoch_accuracy") == list(
+        zip([4, 8], history.history["val_accuracy"], strict=True)
+    )
+    assert by_tag(train, "epoch_learning_rate") == [
+        (4, pytest.approx(0.1)),
+        (8, pytest.approx(0.1)),
+    ]
     assert not [r for r in train if r[2] == "batch_loss"]  # per-step scalars are off by default
 
 
 def test_batch_loss_every_n_steps_and_purge_after_a_resume(tmp_path):
     trainer = make_trainer()
-    trainer.fit(MLP(), tiny_data(), epochs=1, batch_size=16, callbacks=[TensorBoard(tmp_path, every_n_steps=3)])
+    trainer.fit(
+        MLP(),
+        tiny_data(),
+        epochs=1,
+        batch_size=16,
+        callbacks=[TensorBoard(tmp_path, every_n_steps=3)],
+    )
     resumed = resume(trainer)
     resumed.fit(epochs=2)
     rows, purges = events(tmp_path / "train")
@@ -61,7 +83,9 @@ def test_batch_loss_every_n_steps_and_purge_after_a_resume(tmp_path):
 def test_pickles_mid_fit_without_its_open_writers(tmp_path):
     tb = TensorBoard(tmp_path)
     pickled = []
-    grab = LambdaCallback(order=300, on_epoch_end=lambda t, logs: pickled.append(cloudpickle.dumps(tb)))
+    grab = LambdaCallback(
+        order=300, on_epoch_end=lambda t, logs: pickled.append(cloudpickle.dumps(tb))
+    )
     make_trainer().fit(MLP(), tiny_data(), epochs=1, batch_size=16, callbacks=[tb, grab])
     clone = cloudpickle.loads(pickled[0])
     assert clone._writers == {} and clone.log_dir == str(tmp_path)

@@ -27,7 +27,9 @@ def test_stops_at_the_first_check_after_a_nan_loss(every, stops_at):
     # The NaN is in step 10, the second batch of epoch 2 (8 batches an epoch).
     trainer = make_trainer()
     guard = TerminateOnNaN(every_n_steps=every)
-    history = trainer.fit(MLP(), tiny_data(128), epochs=3, batch_size=16, callbacks=[poison(9), guard])
+    history = trainer.fit(
+        MLP(), tiny_data(128), epochs=3, batch_size=16, callbacks=[poison(9), guard]
+    )
     assert trainer.stop_reason == "terminate_on_nan"
     assert guard.detected and guard.detected_at_step == stops_at == trainer.step
     # Epoch 1 was clean and is the only one recorded when the stop fell inside epoch 2.
@@ -62,7 +64,9 @@ def test_no_device_sync_between_checks():
         return real()
 
     trainer.running_logs = spy
-    trainer.fit(MLP(), tiny_data(128), epochs=2, batch_size=16, callbacks=[TerminateOnNaN(every_n_steps=5)])
+    trainer.fit(
+        MLP(), tiny_data(128), epochs=2, batch_size=16, callbacks=[TerminateOnNaN(every_n_steps=5)]
+    )
     assert fetched == [5, 10, 15]
 
 
@@ -70,12 +74,19 @@ def test_runs_before_checkpoint_writers_at_epoch_end():
     seen = []
     trainer = make_trainer()
     late = LambdaCallback(order=100, on_epoch_end=lambda t, logs: seen.append(t.stop_reason))
-    trainer.fit(MLP(), tiny_data(128), epochs=3, batch_size=16,
-                callbacks=[late, poison(3), TerminateOnNaN(every_n_steps=None)])
+    trainer.fit(
+        MLP(),
+        tiny_data(128),
+        epochs=3,
+        batch_size=16,
+        callbacks=[late, poison(3), TerminateOnNaN(every_n_steps=None)],
+    )
     # A ModelCheckpoint (order 100) at the end of the poisoned epoch already sees the verdict.
     assert seen == ["terminate_on_nan"]
 
 
 def test_every_n_steps_must_be_positive():
-    with pytest.raises(ConfigError, match="every_n_steps must be an integer >= 1, got every_n_steps = 0"):
+    with pytest.raises(
+        ConfigError, match="every_n_steps must be an integer >= 1, got every_n_steps = 0"
+    ):
         TerminateOnNaN(every_n_steps=0)

@@ -16,7 +16,7 @@ from jaxfit.checkpoint import (
     write_checkpoint,
 )
 from jaxfit.checkpoint import _io, _manifest
-from jaxfit.checkpoint._retention import Entry, resolve_mode, select_keep
+from jaxfit.checkpoint._retention import Entry, select_keep
 
 
 def _state(step):
@@ -107,6 +107,13 @@ def test_newer_format_version_is_refused_with_upgrade_hint(tmp_path):
         read_checkpoint(path)
 
 
+def test_a_checkpoint_file_stands_for_its_checkpoint(tmp_path):
+    path = _write(tmp_path, 1, 10)
+    assert read_checkpoint(path / "state.msgpack")[0] == path
+    with pytest.raises(CheckpointError, match=r"latest is a file; pass a run directory"):
+        read_checkpoint(tmp_path / "latest")
+
+
 def test_missing_path_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint or run directory"):
         read_checkpoint(tmp_path / "nope")
@@ -147,17 +154,6 @@ def test_retention_ties_keep_the_earlier_checkpoint():
     assert select_keep(entries, keep_last=1, keep_best=1, mode="min") == {"a", "c"}
 
 
-@pytest.mark.parametrize("monitor, mode", [("val_accuracy", "max"), ("val_loss", "min"),
-                                           ("val_auc", "max"), ("loss", "min")])
-def test_auto_mode(monitor, mode):
-    assert resolve_mode(monitor, "auto") == mode
-
-
-def test_bad_mode_is_explained():
-    with pytest.raises(ValueError, match=r"mode must be 'auto', 'min' or 'max', got mode = 'up'"):
-        resolve_mode("loss", "up")
-
-
 def test_run_writer_applies_retention_and_keeps_unreadable_ones(tmp_path):
     writer = RunWriter(tmp_path, keep_last=2, keep_best=1, monitor="val_loss", mode="min")
     writer.set_recipe(b"recipe bytes")
@@ -177,7 +173,7 @@ def test_run_writer_applies_retention_and_keeps_unreadable_ones(tmp_path):
 def test_run_writer_surfaces_background_errors(tmp_path):
     writer = RunWriter(tmp_path, keep_last=2, keep_best=1, monitor=None, mode=None)
     writer.save({"x": object()}, step=1, epoch=1, batch_in_epoch=0, reason="epoch", metrics={})
-    with pytest.raises(RuntimeError, match="writing a checkpoint into .* failed: cannot store"):
+    with pytest.raises(CheckpointError, match="writing a checkpoint into .* failed: cannot store"):
         writer.wait()
     writer.wait()  # reported once
 

@@ -34,16 +34,24 @@ def _same_tree(a, b):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(keep_last=0), r"keep_last must be an int >= 1 or None, got keep_last = 0"),
-    (dict(keep_best=-1), r"keep_best must be an int >= 0 or None"),
-    (dict(every_n_steps=0), r"every_n_steps must be an int >= 1 or None"),
-    (dict(every_n_seconds=0), r"every_n_seconds must be a positive number or None"),
-    (dict(mode="up"), r"mode must be 'auto', 'min' or 'max', got mode = 'up'"),
+    (dict(keep_last=0), r"ModelCheckpoint: keep_last must be an integer >= 1, got keep_last = 0"),
+    (dict(keep_best=-1), r"keep_best must be an integer >= 0"),
+    (dict(every_n_steps=0), r"every_n_steps must be an integer >= 1"),
+    (dict(every_n_seconds=0), r"every_n_seconds must be positive or None"),
+    (dict(every_n_seconds="1"), r"every_n_seconds must be a number >= 0"),
+    (dict(mode="up"), r"mode must be one of \('auto', 'min', 'max'\), got mode = 'up'"),
     (dict(monitor="val_thing"), r"cannot tell whether 'val_thing' should be minimised"),
+    (dict(monitor=3), r"monitor must be a log key such as 'val_loss' or None"),
 ])
 def test_bad_configuration_is_refused_at_construction(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ModelCheckpoint(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("monitor, mode", [("val_accuracy", "max"), ("val_loss", "min"),
+                                           ("top_5_accuracy", "max")])
+def test_auto_mode_follows_the_metric_name(tmp_path, monitor, mode):
+    assert ModelCheckpoint(tmp_path, monitor=monitor)._mode == mode
 
 
 def test_unknown_monitor_fails_before_training(tmp_path, data):
@@ -282,3 +290,42 @@ def test_resumed_fit_keeps_the_runs_fit_arguments(tmp_path, data):
     for key, values in full_history.history.items():  # NaN for epochs without validation
         assert np.asarray(history[key]).tobytes() == np.asarray(values).tobytes()
     assert _same_tree(loaded.params, full.params)
+
+
+def test_only_process_zero_writes(tmp_path, data, monkeypatch):
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    make_trainer().fit(MLP(), data, epochs=2, batch_size=16,
+                       callbacks=[ModelCheckpoint(tmp_path / "run", every_n_steps=3)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_write_stops_fit_with_a_checkpoint_error(tmp_path, data, monkeypatch):
+    from jaxfit.checkpoint import CheckpointError, _msgpack
+
+    def disk_full(fileobj, tree):
+        raise OSError(28, "No space left on device")
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(_msgpack, "write_tree", disk_full)
+    with pytest.raises(CheckpointError, match=r"failed: \[Errno 28\] No space left on device"):
+        make_trainer().fit(MLP(), data, epochs=3, batch_size=16,
+                           callbacks=[ModelCheckpoint(run)])
+    assert not _names(run) and not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_new_run_refuses_a_directory_holding_another_runs_checkpoints(tmp_path, data):
+    from conftest import MLP, make_trainer
+
+    from jaxfit import ConfigError, Trainer
+    from jaxfit.callbacks import ModelCheckpoint
+    from jaxfit.checkpoint._manifest import scan
+
+    x, y = data
+    make_trainer().fit(MLP(), (x, y), epochs=2, batch_size=16, callbacks=[ModelCheckpoint(tmp_path, background=False)])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=r"holds checkpoints of another run.*Trainer.load"):
+        make_trainer().fit(MLP(), (x, y), epochs=1, batch_size=16, callbacks=[ModelCheckpoint(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing touched
+    resumed = Trainer.load(tmp_path)  # the run itself continues in its directory
+    resumed.fit(epochs=3)
+    assert max(info.step for info in scan(tmp_path)) == 15

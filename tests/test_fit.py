@@ -191,3 +191,42 @@ def test_binary_classification_with_one_output(data):
     trainer = Trainer(optimizer=sgd(0.5), loss="sigmoid_binary_cross_entropy", metrics=["accuracy"])
     trainer.fit(nn.Dense(1), (x, yb), epochs=5, batch_size=16)
     assert trainer.history.history["accuracy"][-1] > 0.8
+
+
+class _Tensor:
+    """Stands in for a torch tensor: converts through .detach().cpu().numpy()."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self._a
+
+
+class _Loader:
+    """A re-iterable loader with a length, like a torch DataLoader or a grain loader."""
+
+    def __init__(self, x, y, batch):
+        self.x, self.y, self.batch = x, y, batch
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch)
+
+    def __iter__(self):
+        for i in range(0, len(self.x), self.batch):
+            yield _Tensor(self.x[i : i + self.batch]), _Tensor(self.y[i : i + self.batch])
+
+
+def test_a_dataloader_of_tensors(data):
+    x, y = data
+    a, b = make_trainer(), make_trainer()
+    a.fit(MLP(), _Loader(x, y, 16), epochs=2)
+    b.fit(MLP(), [(x[i : i + 16], y[i : i + 16]) for i in range(0, 70, 16)], epochs=2)
+    assert a.history.history["loss"] == b.history.history["loss"]
+    assert a.fit_config["steps_per_epoch"] == 5

@@ -21,7 +21,6 @@ from jaxfit.checkpoint._manifest import scan as list_checkpoints
 from jaxfit.checkpoint._msgpack import decode as decode_state
 from jaxfit.checkpoint._msgpack import encode as encode_state
 from jaxfit.checkpoint._read import CheckpointWarning as CheckpointWarning
-from jaxfit.checkpoint._read import check_structure as check_structure
 from jaxfit.checkpoint._read import read_checkpoint as read_checkpoint
 from jaxfit.checkpoint._recipe import DataNotSaved as DataNotSaved
 from jaxfit.checkpoint._writer import RunWriter as RunWriter

@@ -24,7 +24,7 @@ def _restore_into(trainer: Trainer, state: dict, ckpt_dir: Path) -> None:
 
 
 def load_trainer(path: str | Path, *, trusted: bool = False,
-                 max_bytes: int = _msgpack.DEFAULT_MAX_BYTES) -> Trainer:
+                 max_bytes: int = _msgpack.DEFAULT_MAX_BYTES, **overrides: Any) -> Trainer:
     """Rebuilds the trainer of a run and restores a checkpoint into it (``Trainer.load``).
 
     The model, optimizer, loss, metrics, callbacks and fit arguments come from the run's
@@ -41,6 +41,8 @@ def load_trainer(path: str | Path, *, trusted: bool = False,
         skipped with a warning naming them) or one checkpoint directory.
       trusted: skip the ownership and permission checks on the recipe.
       max_bytes: refuse state files larger than this.
+      **overrides: Trainer constructor arguments that replace the recipe's, e.g.
+        ``mesh=`` (a mesh names this machine's devices, so it is never in a recipe).
 
     Returns:
       A trainer whose ``fit()`` continues the run exactly where the checkpoint was taken.
@@ -63,7 +65,7 @@ def load_trainer(path: str | Path, *, trusted: bool = False,
         )
     recipe = load_recipe(run_dir, manifest["recipe"], trusted=trusted)
     index = (recipe.get("checkpoint") or {}).get("callback_index")
-    trainer = Trainer.from_recipe(recipe)
+    trainer = Trainer.from_recipe(recipe, **overrides)
     if index is not None:
         # The run may have been moved or loaded from another working directory: keep
         # writing where it was loaded from.
@@ -103,6 +105,6 @@ def restore(trainer: Trainer, path: str | Path, *, model: Any,
     ckpt_dir, _, state = read_checkpoint(path, max_bytes=max_bytes)
     recipe = trainer.recipe()
     recipe.update(model=model, callbacks=list(callbacks or []), fit=dict(fit_args))
-    restored = type(trainer).from_recipe(recipe)
+    restored = type(trainer).from_recipe(recipe, mesh=trainer.mesh)
     _restore_into(restored, state, ckpt_dir)
     return restored

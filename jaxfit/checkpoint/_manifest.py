@@ -76,7 +76,7 @@ def _json_number(value: Any) -> Any:
 
 def build_manifest(*, seq: int, step: int, epoch: int, batch_in_epoch: int, reason: str,
                    metrics: dict[str, Any], monitor: str | None, mode: str | None,
-                   files: dict[str, dict], recipe: dict | None) -> dict:
+                   files: dict[str, dict], recipe: dict | None, run_id: str | None = None) -> dict:
     """The manifest of one checkpoint (see the module docstring for the layout)."""
     return {
         "format": FORMAT,
@@ -93,6 +93,7 @@ def build_manifest(*, seq: int, step: int, epoch: int, batch_in_epoch: int, reas
         "versions": library_versions(),
         "files": files,
         "recipe": recipe,
+        "run_id": run_id,
     }
 
 

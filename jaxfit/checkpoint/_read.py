@@ -1,19 +1,12 @@
-"""Finding, verifying and reading checkpoints, and checking a state against a template."""
+"""Finding, verifying and reading checkpoints (nothing here unpickles)."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from jaxfit.checkpoint import _manifest, _msgpack
-from jaxfit.checkpoint._errors import (
-    CheckpointCorruptError,
-    CheckpointError,
-    CheckpointStructureError,
-)
+from jaxfit.checkpoint._errors import CheckpointCorruptError, CheckpointError
 
 
 class CheckpointWarning(UserWarning):
@@ -56,6 +49,8 @@ def read_checkpoint(path: str | Path, *,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint or run directory at {path}")
+    if path.is_file() and path.name in (_manifest.STATE_FILE, _manifest.MANIFEST_FILE):
+        path = path.parent  # a file of a checkpoint stands for the checkpoint
     if not path.is_dir():
         raise CheckpointError(
             f"{path} is a file; pass a run directory or a checkpoint directory "
@@ -81,67 +76,3 @@ def read_checkpoint(path: str | Path, *,
             f"{_manifest.checkpoint_name(1, 100)!r} written by ModelCheckpoint)"
         )
     raise CheckpointError(f"no valid checkpoint in {path}:\n  " + "\n  ".join(problems))
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, (np.ndarray, np.generic)):
-        return f"shape {tuple(np.shape(value))} {np.asarray(value).dtype}"
-    if isinstance(value, dict):
-        return f"dict with keys {sorted(value)}"
-    if isinstance(value, list):
-        return f"list of length {len(value)}"
-    return type(value).__name__
-
-
-def structure_problems(template: Any, state: Any, path: str = "",
-                       limit: int = 20) -> list[str]:
-    """Every place where ``state`` does not fit ``template``, as readable lines.
-
-    Dicts must have the same keys, lists the same length, arrays the same shape and dtype.
-    Python scalars in the template accept any scalar.
-    """
-    problems: list[str] = []
-    stack = [(template, state, path)]
-    while stack and len(problems) < limit:
-        want, got, where = stack.pop()
-        label = where or "<root>"
-        if isinstance(want, dict):
-            if not isinstance(got, dict):
-                problems.append(f"{label}: the trainer expects {_describe(want)}, "
-                                f"the checkpoint has {_describe(got)}")
-                continue
-            missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-            if missing or extra:
-                problems.append(f"{label}: keys missing from the checkpoint {missing}, "
-                                f"keys the trainer does not have {extra}")
-            for key in sorted(set(want) & set(got), reverse=True):
-                stack.append((want[key], got[key], f"{where}/{key}" if where else key))
-        elif isinstance(want, (list, tuple)):
-            if not isinstance(got, (list, tuple)) or len(got) != len(want):
-                problems.append(f"{label}: the trainer expects {_describe(list(want))}, "
-                                f"the checkpoint has {_describe(got)}")
-                continue
-            for i in reversed(range(len(want))):
-                stack.append((want[i], got[i], f"{where}/{i}" if where else str(i)))
-        elif isinstance(want, (np.ndarray, np.generic)) or hasattr(want, "__array__"):
-            want_arr = np.asarray(want)
-            if not isinstance(got, (np.ndarray, np.generic, int, float, bool)):
-                problems.append(f"{label}: the trainer expects an array of "
-                                f"{_describe(want_arr)}, the checkpoint has {_describe(got)}")
-                continue
-            got_arr = np.asarray(got)
-            if got_arr.shape != want_arr.shape or got_arr.dtype != want_arr.dtype:
-                problems.append(f"{label}: the checkpoint has {_describe(got_arr)}, "
-                                f"the trainer expects {_describe(want_arr)}")
-    return problems
-
-
-def check_structure(template: Any, state: Any, *, source: str = "checkpoint") -> None:
-    """Raises :class:`CheckpointStructureError` listing where ``state`` differs from
-    ``template`` (path inside the state, and both shapes or key sets)."""
-    problems = structure_problems(template, state)
-    if problems:
-        raise CheckpointStructureError(
-            f"{source} does not fit this trainer (was it written for a different model or "
-            "optimizer?):\n  " + "\n  ".join(problems)
-        )

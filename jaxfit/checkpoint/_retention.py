@@ -22,29 +22,6 @@ class Entry:
     score: float | None = None
 
 
-_LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "error", "perplexity", "crossentropy")
-_HIGHER_IS_BETTER = ("acc", "auc", "precision", "recall", "f1", "iou", "dice", "r2")
-
-
-def resolve_mode(monitor: str | None, mode: str) -> str | None:
-    """``"min"`` or ``"max"`` for ``mode="auto"`` (by the metric's name, as EarlyStopping and
-    ReduceOnPlateau infer it), else ``mode``; None when nothing is monitored."""
-    if mode not in ("auto", "min", "max"):
-        raise ValueError(f"mode must be 'auto', 'min' or 'max', got mode = {mode!r}")
-    if monitor is None or mode != "auto":
-        return None if monitor is None else mode
-    name = monitor.removeprefix("val_").lower()
-    if any(word in name for word in _LOWER_IS_BETTER):
-        return "min"
-    if any(word in name for word in _HIGHER_IS_BETTER):
-        return "max"
-    raise ValueError(
-        f"cannot tell whether {monitor!r} should be minimised or maximised: mode='auto' knows "
-        "loss/error-like names (min) and accuracy-like names (max). Pass mode='min' or "
-        "mode='max'."
-    )
-
-
 def score_of(metrics: dict, monitor: str | None) -> float | None:
     """The monitored value in a manifest's metrics, or None when absent or not finite."""
     if monitor is None:

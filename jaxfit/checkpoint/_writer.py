@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxfit.checkpoint import _io, _manifest, _msgpack, _retention
+from jaxfit.checkpoint._errors import CheckpointError
 from jaxfit.checkpoint._recipe import write_recipe
 
 
@@ -29,9 +30,15 @@ class SaveStats:
       write: how long serializing and writing each checkpoint took (in the background when
         asynchronous).
       nbytes: size of each state file.
+      copy: the part of ``blocking`` spent copying the state to host memory (the rest is
+        waiting for the previous write, and the write itself when not in the background).
+      device_wait: before each save, how long the steps already dispatched took to finish
+        (the state must be computed before it can be copied; not counted in ``blocking``).
     """
 
     blocking: list[float] = field(default_factory=list)
+    copy: list[float] = field(default_factory=list)
+    device_wait: list[float] = field(default_factory=list)
     write: list[float] = field(default_factory=list)
     nbytes: list[int] = field(default_factory=list)
 
@@ -39,7 +46,7 @@ class SaveStats:
 def write_checkpoint(run_dir: Path, state: dict, *, seq: int, step: int, epoch: int,
                      batch_in_epoch: int, reason: str, metrics: dict[str, Any],
                      monitor: str | None = None, mode: str | None = None,
-                     recipe: dict | None = None) -> Path:
+                     recipe: dict | None = None, run_id: str | None = None) -> Path:
     """Writes one checkpoint synchronously and atomically; returns its directory.
 
     The state is streamed into ``state.msgpack`` inside a temporary directory of ``run_dir``;
@@ -55,7 +62,7 @@ def write_checkpoint(run_dir: Path, state: dict, *, seq: int, step: int, epoch: 
             tmp / _manifest.STATE_FILE, lambda f: _msgpack.write_tree(f, state))}
         manifest = _manifest.build_manifest(
             seq=seq, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, reason=reason,
-            metrics=metrics, monitor=monitor, mode=mode, files=files, recipe=recipe)
+            metrics=metrics, monitor=monitor, mode=mode, files=files, recipe=recipe, run_id=run_id)
         payload = _manifest.manifest_bytes(manifest)
         _io.write_file(tmp / _manifest.MANIFEST_FILE, lambda f: f.write(payload))
         _io.publish_dir(tmp, final)
@@ -142,6 +149,7 @@ class RunWriter:
             self._run(job)
             self._raise_pending()
         self.stats.blocking.append(copy_seconds + time.perf_counter() - start)
+        self.stats.copy.append(copy_seconds)
 
     def _run(self, job: dict) -> None:
         began = time.perf_counter()
@@ -157,7 +165,10 @@ class RunWriter:
     def _raise_pending(self) -> None:
         if self._error is not None:
             err, self._error = self._error, None
-            raise RuntimeError(f"writing a checkpoint into {self.run_dir} failed: {err}") from err
+            raise CheckpointError(
+                f"writing a checkpoint into {self.run_dir} failed: {err} (every earlier "
+                "checkpoint is intact)"
+            ) from err
 
     def wait(self) -> None:
         """Blocks until the write under way (if any) is on disk; re-raises its error."""
