@@ -45,8 +45,9 @@ class Killer(Callback):
 
     order = 300
 
-    def __init__(self, at, sig, wait, epoch_end=False):
+    def __init__(self, at, sig, wait, epoch_end=False, mid_write_in=None):
         self.at, self.sig, self.wait, self.epoch_end = at, sig, wait, epoch_end
+        self.mid_write_in = mid_write_in  # a run directory: kill once a write is under way there
 
     def _kill(self, trainer):
         if os.environ.get("CKPT_WORKER_KILL") != "1":
@@ -55,6 +56,15 @@ class Killer(Callback):
             for cb in trainer.callbacks.find(ModelCheckpoint):
                 if cb._writer is not None:
                     cb._writer.wait()
+        if self.mid_write_in is not None:
+            # The background writer may not have created its temporary directory yet: wait
+            # for it (the slowed write then holds it for seconds), so the kill lands mid-write.
+            import time
+
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not any(
+                    p.startswith(".tmp-") for p in os.listdir(self.mid_write_in)):
+                time.sleep(0.005)
         os.kill(os.getpid(), self.sig)
 
     def on_train_batch_end(self, trainer, logs):
@@ -125,7 +135,8 @@ def main(mode, run_dir, out, step=None):
                                          keep_last=2, keep_best=1))
         sig = signal.SIGTERM if mode == "term" else signal.SIGKILL
         callbacks.append(Killer(int(step), sig, wait=mode.startswith("kill"),
-                                epoch_end=mode == "kill_epoch"))
+                                epoch_end=mode == "kill_epoch",
+                                mid_write_in=run_dir if mode == "race" else None))
     history = trainer.fit(Net(), train, validation_data=val, epochs=EPOCHS, batch_size=16,
                           callbacks=callbacks)
     dump(trainer, history, out)
