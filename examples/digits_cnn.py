@@ -6,7 +6,7 @@ an optax schedule, halves it when validation loss stalls, checkpoints the best m
 early when nothing improves, and shows progress with rich. Run it again with ``--resume``
 to continue from the newest checkpoint with ``Trainer.load``.
 
-    python examples/digits_cnn.py                # about 15 s on 2 CPU cores
+    python examples/digits_cnn.py                # ~10 s on 2 CPU cores, compilation included
     python examples/digits_cnn.py --epochs 30 --resume
     python examples/digits_cnn.py --smoke        # 2 epochs on 300 images
 """
