@@ -403,15 +403,17 @@ class Trainer:
         if args.get("validation_data") is not None:
             val = make_source(args["validation_data"], batch_size=args.get("validation_batch_size") or args.get("batch_size"),
                               shuffle=False, seed=self.seed, what="validation data", **keys)
+        # One first batch of each (an iterable's costs a pass of its loader to produce).
         x0, y0 = train.example()
+        val_example = val.example() if val is not None else None
         self._check_divisible(jax.tree_util.tree_leaves(x0)[0].shape[0])
-        if val is not None:
-            self._check_divisible(jax.tree_util.tree_leaves(val.example()[0])[0].shape[0])
+        if val_example is not None:
+            self._check_divisible(jax.tree_util.tree_leaves(val_example[0])[0].shape[0])
         if self._state is None:
             self._init_state(x0)
         self._check_shapes(x0, y0)
-        if val is not None:
-            self._check_shapes(*val.example())
+        if val_example is not None:
+            self._check_shapes(*val_example)
 
         metric_names = ["loss", *self._metric_fns]
         self.log_names = metric_names + ([f"val_{m}" for m in metric_names] if val is not None else [])
@@ -465,7 +467,7 @@ class Trainer:
                 if ex.k > 1 and self.mesh is None:
                     self._state, loss = self._fusion.run(steps[ex.k], steps[1], self._state, ex, self._mask)
                 else:
-                    x, y = (ex.x, ex.y) if self.mesh is None else self._place_batch((ex.x, ex.y), ex.k > 1)
+                    x, y = self._place_batch((ex.x, ex.y), ex.k > 1)
                     self._state, loss = steps[ex.k](self._state, x, y, self._mask(ex))
                 self._step += ex.k
                 self.batch_in_epoch += ex.k
@@ -530,7 +532,7 @@ class Trainer:
         step = self._eval_fn()
         acc = self._place_state(zero_metrics(list(self._metric_fns)))
         for ex in source.executions(0, 0, 1):
-            x, y = (ex.x, ex.y) if self.mesh is None else self._place_batch((ex.x, ex.y), False)
+            x, y = self._place_batch((ex.x, ex.y), False)
             acc = step(state.params, state.model_state, acc, x, y, self._mask(ex))
         return self._fetch_metrics(acc)
 
@@ -580,7 +582,7 @@ class Trainer:
             "seed": self.seed,
             "run_id": self.run_id,
             "rng": _seed_key_data(self.seed).copy(),
-            "input_spec": _spec_to_dict(self._input_spec),
+            "input_spec": _spec_tree(self._input_spec),
             "history": self.history.state_dict(),
             "callbacks": CallbackList(self._user_callbacks).state_dict(),
             "stop_reason": self.stop_reason,
@@ -669,10 +671,6 @@ def _seed_key_data(seed: int) -> np.ndarray:
 
 def _is_spec(s: Any) -> bool:
     return isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], str)
-
-
-def _spec_to_dict(spec: Any) -> Any:
-    return _spec_tree(spec)
 
 
 def _spec_tree(spec: Any) -> Any:
