@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.trainer import Trainer
 
 HOOKS = (
+    "setup",
     "on_fit_start",
     "on_epoch_start",
     "on_train_batch_start",
@@ -30,6 +31,10 @@ class Callback:
 
     Hooks and what they receive:
 
+    * ``setup(trainer)`` — the very first thing ``fit`` does, before any data is read, any
+      model is initialised or anything compiles. ``trainer.run_id`` is known and
+      ``trainer.resuming`` says whether this fit continues an existing run. Claim and check
+      resources here (a run directory, a lock) so a conflict costs the user no time.
     * ``on_fit_start(trainer)`` — the state is initialised, nothing compiled yet. Check
       your configuration here (``trainer.check_monitor``,
       ``trainer.hyperparams.check_writable``) so a mistake fails in the first second.
@@ -58,6 +63,10 @@ class Callback:
     """
 
     order: int = 0
+    #: Keys this callback adds to the ``on_epoch_end`` logs. Declaring them lets monitoring
+    #: callbacks (ModelCheckpoint, EarlyStopping, ReduceOnPlateau) accept them in
+    #: ``trainer.check_monitor``; run this callback before those (a lower ``order``).
+    log_keys: tuple[str, ...] = ()
 
     @property
     def state_key(self) -> str:
@@ -71,6 +80,7 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
 
+    def setup(self, trainer: Trainer) -> None: ...
     def on_fit_start(self, trainer: Trainer) -> None: ...
     def on_epoch_start(self, trainer: Trainer) -> None: ...
     def on_train_batch_start(self, trainer: Trainer) -> None: ...

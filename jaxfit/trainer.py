@@ -151,6 +151,7 @@ class Trainer:
         self._masks: dict[Any, jax.Array] = {}
         self._signal: str | None = None
         self.run_id: str | None = None
+        self.resuming = False
         self.log_names: list[str] = []
         self.fit_config: dict[str, Any] = {}
 
@@ -223,7 +224,7 @@ class Trainer:
             hp_scales=scales, metrics=zero_metrics(list(self._metric_fns))))
         self._step, self._epochs_completed, self.batch_in_epoch = 0, 0, 0
         # Names this run in its checkpoints, so a run directory is never taken over by another.
-        self.run_id = uuid.uuid4().hex
+        self.run_id = self.run_id or uuid.uuid4().hex
         self._builder = StepBuilder(self._adapter, self.optimizer, self._loss_fn, self._metric_fns,
                                     jax.random.fold_in(key, 1))
         self._compiled.clear()
@@ -268,6 +269,7 @@ class Trainer:
         self._adapter = ModelAdapter(model)
         self._state = None
         self._slots = None
+        self.run_id = None
         self.history = History()
         self.stop_reason = None
 
@@ -396,6 +398,11 @@ class Trainer:
         if not isinstance(validation_freq, int) or validation_freq < 1:
             raise ConfigError(f"validation_freq must be an int >= 1, got {validation_freq!r}")
 
+        self.resuming = self._state is not None
+        self.run_id = self.run_id or uuid.uuid4().hex
+        self.callbacks = CallbackList([*self._user_callbacks, self.history])
+        self.callbacks.call("setup", self)
+
         keys = dict(input_keys=self.input_keys, target_keys=self.target_keys)
         train = make_source(args["data"], batch_size=args.get("batch_size"), shuffle=shuffle, seed=self.seed,
                             what="training data", **keys)
@@ -417,10 +424,10 @@ class Trainer:
 
         metric_names = ["loss", *self._metric_fns]
         self.log_names = metric_names + ([f"val_{m}" for m in metric_names] if val is not None else [])
+        self.log_names += [k for cb in self.callbacks for k in cb.log_keys if k not in self.log_names]
         self.fit_config = dict(epochs=int(epochs), batch_size=train.batch_size, steps_per_epoch=train.steps_per_epoch,
                                steps_per_execution=self.steps_per_execution, has_validation=val is not None,
                                validation_freq=validation_freq)
-        self.callbacks = CallbackList([*self._user_callbacks, self.history])
         self.stop_training, self.stop_reason, self._signal = False, None, None
         error: BaseException | None = None
         with self._signals():
