@@ -210,13 +210,13 @@ class ModelCheckpoint(Callback):
         # Steps are dispatched ahead of the device: wait for the ones under way first and
         # account for that wait separately (the device was busy with training, not saving).
         start = time.perf_counter()
-        jax.block_until_ready(trainer.state)
+        jax.block_until_ready(trainer.engine_state)
         copied = time.perf_counter()
         self.stats.device_wait.append(copied - start)
         state = _owned_copy(trainer.state_dict())
         copy_seconds = time.perf_counter() - copied
         step, batch = int(state["step"]), int(state["batch_in_epoch"])
-        if not _all_finite(state["train_state"]["params"]):
+        if not _all_finite(state["train_state"]["state"]):
             # NaN/inf weights never reach a checkpoint, whoever is watching the loss: a
             # resume starts from the last finite state instead.
             self.skipped_nonfinite.append(step)

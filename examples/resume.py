@@ -155,7 +155,7 @@ def main(argv=None) -> None:
 
     print("== 2. the checkpoint, read as data (no unpickling) ==")
     ckpt_dir, manifest, state = read_checkpoint(run_dir)
-    saved = state["train_state"]
+    saved = state["train_state"]["state"]  # the step's state: params, model_state, opt_state
     print(f"{ckpt_dir.name}: step {manifest['step']}, epoch {manifest['epoch']} done, "
           f"batch {state['batch_in_epoch']} of the next")  # fmt: skip
     params, opt = flat(saved["params"]), flat(saved["opt_state"])

@@ -25,7 +25,10 @@ from jaxfit.errors import Preempted as Preempted
 from jaxfit.errors import ShapeError as ShapeError
 from jaxfit.history import History as History
 from jaxfit.hyperparams import HyperParams as HyperParams
-from jaxfit.steps import TrainState as TrainState
+from jaxfit.metrics import Average as Average
+from jaxfit.step import Step as Step
+from jaxfit.step import StepContext as StepContext
+from jaxfit.step import TrainState as TrainState
 from jaxfit.trainer import Trainer as Trainer
 
 

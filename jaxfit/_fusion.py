@@ -67,14 +67,9 @@ class FusionChooser:
     def _run(way: str, fused: Callable, single: Callable, state: Any, ex: Execution,
              mask: Callable[[Execution], Any]) -> tuple[Any, Any]:
         if way == FUSED:
-            return fused(state, ex.x, ex.y, mask(ex))
+            return fused(state, ex.batch, mask(ex))
         loss = None
         for i in range(ex.k):
-            one = Execution(
-                jax.tree_util.tree_map(lambda a: a[i], ex.x),
-                None if ex.y is None else jax.tree_util.tree_map(lambda a: a[i], ex.y),
-                (ex.n_valid[i],),
-                ex.rows,
-            )
-            state, loss = single(state, one.x, one.y, mask(one))
+            one = Execution(jax.tree_util.tree_map(lambda a: a[i], ex.batch), (ex.n_valid[i],), ex.rows)
+            state, loss = single(state, one.batch, mask(one))
         return state, loss

@@ -29,6 +29,13 @@ def _is_typed_key(leaf: Any) -> bool:
     return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
+def _key_impl(leaf: Any) -> Any:
+    """The PRNG implementation of a typed key, or of a template of one (``eval_shape``)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf.dtype._impl  # the key dtype carries its implementation
+    return jax.random.key_impl(leaf)
+
+
 def to_dict(tree: Any) -> dict:
     """Nested dict of numpy arrays; typed PRNG keys become their key data."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -64,8 +71,9 @@ def from_dict(template: Any, data: dict, where: str = "state") -> Any:
         if _is_typed_key(leaf):
             if not isinstance(node, dict) or _KEY_MARK not in node:
                 raise ShapeError(f"{where}.{at}: expected saved PRNG key data")
-            value = jax.random.wrap_key_data(np.asarray(node[_KEY_MARK]), impl=jax.random.key_impl(leaf))
-            want = jax.random.key_data(leaf).shape
+            impl = _key_impl(leaf)
+            value = jax.random.wrap_key_data(np.asarray(node[_KEY_MARK]), impl=impl)
+            want = tuple(leaf.shape) + tuple(jax.random.key_data(jax.random.key(0, impl=impl)).shape)
             got = node[_KEY_MARK].shape
         else:
             value = np.asarray(node)

@@ -24,14 +24,15 @@ TARGET_KEYS = ("label", "labels", "y", "target", "targets")
 class Execution:
     """``k`` consecutive batches handed to the step at once.
 
-    With ``k == 1`` the arrays are one batch ``(B, ...)``; with ``k > 1`` they are stacked
-    ``(k, B, ...)``. ``n_valid`` holds the number of real samples of each batch.
+    With ``k == 1`` ``batch`` is one batch pytree ``(B, ...)``; with ``k > 1`` its leaves are
+    stacked ``(k, B, ...)``. ``n_valid`` holds the number of real samples of each batch
+    (``rows`` and ``n_valid`` are None for a batch without one leading axis, such as a
+    graph batch); rows past ``n_valid`` are padding, masked out by the step.
     """
 
-    x: Any
-    y: Any
-    n_valid: tuple[int, ...]
-    rows: int  # B, the (padded) batch size
+    batch: Any
+    n_valid: tuple[int | None, ...]
+    rows: int | None  # B, the (padded) batch size
 
     @property
     def k(self) -> int:
@@ -45,7 +46,7 @@ def _to_numpy(tree: Any, what: str) -> Any:
         elif hasattr(a, "numpy") and not isinstance(a, np.ndarray):  # torch / tf tensors
             a = a.detach().cpu().numpy() if hasattr(a, "detach") else a.numpy()
         arr = np.asarray(a)
-        if arr.dtype.kind not in "biuf":
+        if not (arr.dtype.kind in "biuf" or jax.numpy.issubdtype(arr.dtype, jax.numpy.floating)):
             raise DataError(
                 f"{what} holds an array of dtype {arr.dtype}: jaxfit trains on numeric arrays "
                 "(bool, int, float). Encode strings or objects as numbers first, e.g. with "
@@ -100,26 +101,52 @@ def _pad(tree: Any, size: int) -> Any:
     return jax.tree_util.tree_map(pad, tree)
 
 
-class ArrayData:
-    """In-memory arrays ``x`` (and targets ``y``), any pytrees of equal-length arrays."""
+def _names(data: Any) -> list[tuple[str, int]]:
+    """(name, length) of every leaf; an ``(x, y)`` pair names its parts x and y."""
+    if isinstance(data, tuple) and len(data) == 2 and not hasattr(data, "_fields"):
+        return [(f"x{p}", n) for p, n in _leading(data[0])] + [(f"y{p}", n) for p, n in _leading(data[1])]
+    return _leading(data)
 
-    def __init__(self, x: Any, y: Any, batch_size: int, *, shuffle: bool, seed: int, what: str = "data") -> None:
-        self.x = _to_numpy(x, f"{what} inputs")
-        self.y = None if y is None else _to_numpy(y, f"{what} targets")
-        lengths = _leading(self.x) + ([] if self.y is None else _leading(self.y))
+
+class ArrayData:
+    """In-memory arrays: any pytree of equal-length arrays (``(x, y)``, a dict, ``x`` alone).
+
+    Batches are taken in order (or in the epoch's permutation) at the batch size; the last,
+    partial batch runs at its true size, so whatever the model computes over the batch
+    (BatchNorm statistics, a batch-wide loss) sees real rows only. ``drop_remainder=True``
+    leaves it out instead. Under a mesh a partial batch must split over the devices:
+    ``pad_multiple`` pads it to the next multiple, masked (see ``Trainer``).
+    """
+
+    def __init__(self, data: Any, batch_size: int, *, shuffle: bool, seed: int, what: str = "data",
+                 drop_remainder: bool = False, pad_multiple: int = 1) -> None:
+        self.data = _to_numpy(data, what)
+        lengths = _names(self.data)
         if len({n for _, n in lengths}) > 1:
-            named = ", ".join(f"{'x' if i < len(_leading(self.x)) else 'y'}{p} has {n}" for i, (p, n) in enumerate(lengths))
-            raise DataError(f"{what}: inputs and targets must have the same number of samples, but {named}")
+            named = ", ".join(f"{p or 'x'} has {n}" for p, n in lengths)
+            raise DataError(f"{what}: every array must have the same number of samples, but {named}")
         self.n = lengths[0][1]
         if self.n == 0:
             raise DataError(f"{what} is empty (0 samples): nothing to train or evaluate on")
+        if drop_remainder and self.n < batch_size:
+            raise DataError(
+                f"{what} has {self.n} samples, fewer than one batch of {batch_size}: with "
+                "drop_remainder=True no batch is left. Use a smaller batch_size."
+            )
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.drop_remainder = drop_remainder
+        self.pad_multiple = pad_multiple
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        return self.n // self.batch_size if self.drop_remainder else math.ceil(self.n / self.batch_size)
+
+    @property
+    def partial_rows(self) -> int:
+        """Real rows of the last batch when it is partial (0 when every batch is full)."""
+        return 0 if self.drop_remainder else self.n % self.batch_size
 
     def order(self, epoch: int) -> np.ndarray | None:
         if not self.shuffle:
@@ -130,46 +157,45 @@ class ArrayData:
         """The epoch's batches from batch index ``start``, grouped ``k`` at a time."""
         B, steps = self.batch_size, self.steps_per_epoch
         perm = self.order(epoch)
-        valid = [min(B, self.n - i * B) for i in range(steps)]
         # Rows are gathered per execution, not for the whole epoch up front: the copy of the
         # next batch then overlaps the device's work on the current one instead of stalling
         # the epoch start (25 MB for 8k MNIST-sized rows). Leaves are flattened once: slicing
         # them costs far less per step than a tree_map, which shows on ~100 us steps.
-        x_leaves, x_def = jax.tree_util.tree_flatten(self.x)
-        y_leaves, y_def = jax.tree_util.tree_flatten(self.y)
+        leaves, treedef = jax.tree_util.tree_flatten(self.data)
+        full = self.n // B
 
-        def rows(leaves: list, lo: int, hi: int, kk: int) -> list:
+        def rows(lo: int, hi: int, kk: int) -> list:
             end = min(hi, self.n)
             out = [a[perm[lo:end]] if perm is not None else a[lo:end] for a in leaves]
-            if end < hi:  # the last, partial batch: zero rows, masked out by the step
-                out = _pad(out, hi - lo)
             return out if kk == 1 else [a.reshape(kk, B, *a.shape[1:]) for a in out]
 
         i = start
         while i < steps:
-            kk = k if i + k <= steps else 1
-            lo, hi = i * B, (i + kk) * B
-            yield Execution(
-                x_def.unflatten(rows(x_leaves, lo, hi, kk)),
-                None if self.y is None else y_def.unflatten(rows(y_leaves, lo, hi, kk)),
-                tuple(valid[i : i + kk]),
-                B,
-            )
-            i += kk
+            if i < full:  # full batches, k at a time while k of them are left
+                kk = k if i + k <= full else 1
+                yield Execution(treedef.unflatten(rows(i * B, (i + kk) * B, kk)), (B,) * kk, B)
+                i += kk
+                continue
+            n = self.n - i * B  # the last, partial batch, at its true size
+            padded = -(-n // self.pad_multiple) * self.pad_multiple
+            out = rows(i * B, self.n, 1)
+            if padded != n:
+                out = _pad(out, padded)
+            yield Execution(treedef.unflatten(out), (n,), padded)
+            i += 1
 
-    def example(self) -> tuple[Any, Any]:
-        """A first batch (padded), for shape inference and initialisation."""
-        ex = next(self.executions(1 if self.shuffle else 0, 0, 1))
-        return ex.x, ex.y
+    def example(self) -> Any:
+        """A first batch, for shape inference and initialisation."""
+        return next(self.executions(1 if self.shuffle else 0, 0, 1)).batch
 
 
 class IterableData:
     """A re-iterable of batches: a list, a torch DataLoader, a grain loader, or a function
-    returning a fresh iterator each call (a generator function). Each item is ``(x, y)``,
-    ``x`` alone (prediction) or a dict split by key."""
+    returning a fresh iterator each call (a generator function). Each item is one batch,
+    any pytree of arrays, handed to the step as it is: ``(x, y)``, a dict, inputs alone, a
+    graph batch. Batches run at the size they come in (each new shape compiles once)."""
 
-    def __init__(self, source: Iterable | Callable[[], Iterable], *, what: str = "data",
-                 input_keys=None, target_keys=None, need_targets: bool = True) -> None:
+    def __init__(self, source: Iterable | Callable[[], Iterable], *, what: str = "data") -> None:
         if iter_once(source):
             raise DataError(
                 f"{what} is a one-shot iterator ({type(source).__name__}): it would be empty from "
@@ -179,7 +205,6 @@ class IterableData:
             )
         self.source = source
         self.what = what
-        self.input_keys, self.target_keys, self.need_targets = input_keys, target_keys, need_targets
         self.batch_size: int | None = None
 
     @property
@@ -189,46 +214,27 @@ class IterableData:
         except TypeError:
             return None
 
-    def _items(self) -> Iterator[tuple[Any, Any]]:
+    def _items(self) -> Iterator[Any]:
         it = self.source() if callable(self.source) and not hasattr(self.source, "__iter__") else self.source
         for item in it:
-            if isinstance(item, dict):
-                x, y = split_dict(item, self.input_keys, self.target_keys, self.need_targets)
-            elif isinstance(item, (tuple, list)) and len(item) == 2:
-                x, y = item
-            elif self.need_targets:
-                raise DataError(
-                    f"{self.what} yielded a {type(item).__name__}; expected (inputs, targets) "
-                    "pairs or dicts of arrays"
-                )
-            else:
-                x, y = item, None
-            yield _to_numpy(x, f"{self.what} inputs"), None if y is None else _to_numpy(y, f"{self.what} targets")
+            yield _to_numpy(item, f"{self.what} batch")
 
     def executions(self, epoch: int, start: int = 0, k: int = 1) -> Iterator[Execution]:
         # Iterables are not regrouped: one execution per batch (k is honoured for arrays).
-        for i, (x, y) in enumerate(self._items()):
+        for i, batch in enumerate(self._items()):
             if i < start:
                 continue
-            sizes = [n for _, n in _leading(x)] + ([] if y is None else [n for _, n in _leading(y)])
-            n = sizes[0]
-            if len(set(sizes)) > 1:
-                raise DataError(f"{self.what} batch {i}: inputs and targets have different lengths {sizes}")
-            if self.batch_size is None:
-                self.batch_size = n
-            if n > self.batch_size:
-                raise DataError(
-                    f"{self.what} batch {i} has {n} samples, more than the first batch's "
-                    f"{self.batch_size}: batches after the first may only be smaller (they are "
-                    "padded to the first batch's size so the step compiles once)"
-                )
+            sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree_util.tree_leaves(batch)}
+            n = sizes.pop() if len(sizes) == 1 and None not in sizes else None
             if n == 0:
                 continue
-            yield Execution(_pad(x, self.batch_size), None if y is None else _pad(y, self.batch_size), (n,), self.batch_size)
+            if self.batch_size is None:
+                self.batch_size = n
+            yield Execution(batch, (n,), n)
 
-    def example(self) -> tuple[Any, Any]:
+    def example(self) -> Any:
         for ex in self.executions(0, 0, 1):
-            return ex.x, ex.y
+            return ex.batch
         raise DataError(f"{self.what} is empty: it yielded no batch")
 
 
@@ -241,26 +247,24 @@ def iter_once(source: Any) -> bool:
 
 
 def make_source(data: Any, *, batch_size: int | None, shuffle: bool, seed: int, what: str,
-                input_keys=None, target_keys=None, need_targets: bool = True):
-    """Pick the adapter for ``data``: ``(x, y)`` arrays, a dict of arrays, or an iterable."""
+                drop_remainder: bool = False, pad_multiple: int = 1) -> ArrayData | IterableData:
+    """Pick the adapter for ``data``: arrays (any pytree of them: ``(x, y)``, a dict, ``x``)
+    or an iterable of batches."""
     if data is None:
         raise DataError(f"no {what} given")
     bs = _batch(batch_size)
-    if isinstance(data, dict):
-        x, y = split_dict(data, input_keys, target_keys, need_targets)
-        return ArrayData(x, y, bs, shuffle=shuffle, seed=seed, what=what)
-    if isinstance(data, tuple) and len(data) == 2:
-        # (x, y); for prediction the targets are ignored, as Keras does.
-        return ArrayData(data[0], data[1] if need_targets else None, bs, shuffle=shuffle, seed=seed, what=what)
-    if _is_array(data):
-        if need_targets:
-            raise DataError(f"{what} is a single array; expected (inputs, targets), e.g. (x_train, y_train)")
-        return ArrayData(data, None, bs, shuffle=False, seed=seed, what=what)
+    if isinstance(data, (dict, tuple)) or _is_array(data):
+        leaves = jax.tree_util.tree_leaves(data)
+        if leaves and all(_is_array(a) for a in leaves):
+            return ArrayData(data, bs, shuffle=shuffle, seed=seed, what=what,
+                             drop_remainder=drop_remainder, pad_multiple=pad_multiple)
+        if isinstance(data, dict) or _is_array(data):
+            raise DataError(f"{what}: a dict of data must hold arrays, got {type(leaves[0]).__name__ if leaves else 'nothing'}")
     if callable(data) or hasattr(data, "__iter__"):
-        return IterableData(data, what=what, input_keys=input_keys, target_keys=target_keys, need_targets=need_targets)
+        return IterableData(data, what=what)
     raise DataError(
         f"{what} of type {type(data).__name__} is not supported: pass (x, y) arrays, a dict of "
-        "arrays, or a re-iterable of (x, y) batches"
+        "arrays, or a re-iterable of batches"
     )
 
 

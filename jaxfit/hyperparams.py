@@ -12,6 +12,7 @@ from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -46,7 +47,8 @@ def find_slots(opt_state: Any) -> dict[str, HyperparamSlot]:
         sched = set(getattr(node, "hyperparams_states", {}) or {})
         for key, value in node.hyperparams.items():
             dtype = getattr(value, "dtype", None)
-            if getattr(value, "shape", None) == () and dtype is not None and np.issubdtype(dtype, np.number):
+            # jnp.issubdtype: bfloat16 is not a numpy number (np.issubdtype says False).
+            if getattr(value, "shape", None) == () and dtype is not None and jnp.issubdtype(dtype, jnp.number):
                 found.append((tuple(path), key, key in sched))
     counts: dict[str, int] = {}
     for _, key, _ in found:
@@ -155,7 +157,7 @@ class HyperParams(MutableMapping):
     # -- mapping ----------------------------------------------------------------
     def __getitem__(self, name: str) -> float:
         slot = self._slot(name)
-        node = node_at(self._trainer.state.opt_state, slot.node_path)
+        node = node_at(self._trainer.state, slot.node_path)
         return float(jax.device_get(node.hyperparams[slot.key]))
 
     def __setitem__(self, name: str, value: Any) -> None:
@@ -169,7 +171,7 @@ class HyperParams(MutableMapping):
                 "remove the scheduler."
             )
         slot = self._slot(name)
-        node = node_at(self._trainer.state.opt_state, slot.node_path)
+        node = node_at(self._trainer.state, slot.node_path)
         node.hyperparams[slot.key] = _like(node.hyperparams[slot.key], value, name)
 
     def __delitem__(self, name: str) -> None:
@@ -191,8 +193,11 @@ class HyperParams(MutableMapping):
     def attach_schedule(self, name: str, fn: Callable[[Any], Any], owner: Any = None) -> None:
         """Compute ``name`` as ``fn(step) * scale(name)`` inside the jitted step.
 
-        ``fn`` receives the int32 step count of the step about to run (0 for the first
-        step) as a traced array and must be jax-traceable (every optax schedule is).
+        ``fn`` receives the optimizer's own update count before this update (the ``count``
+        of its ``inject_hyperparams`` state: 0 for the first update, and inside
+        ``optax.MultiSteps`` one per real update, not per micro-batch), as
+        ``inject_hyperparams(opt)(name=fn)`` would, as a traced int32 array; it must be
+        jax-traceable (every optax schedule is).
         Call from ``on_fit_start``: attaching after compilation recompiles the step.
         """
         self.check_writable(name, owner)
@@ -214,12 +219,12 @@ class HyperParams(MutableMapping):
     def scale(self, name: str) -> float:
         """The multiplier applied to the schedule attached to ``name`` (1.0 by default)."""
         self._slot(name)
-        return float(jax.device_get(self._trainer.state.hp_scales[name]))
+        return float(jax.device_get(self._trainer.engine_state.hp_scales[name]))
 
     def set_scale(self, name: str, value: float) -> None:
         """Set the multiplier of ``name``'s schedule; takes effect at the next step."""
         self.check_writable(name)
-        scales = self._trainer.state.hp_scales
+        scales = self._trainer.engine_state.hp_scales
         scales[name] = _like(scales[name], value, f"scale of {name}")
 
 

@@ -17,6 +17,13 @@ from jaxfit._reduce import builtin, match_regression
 from jaxfit.errors import ShapeError
 
 
+def f32(x: jax.Array) -> jax.Array:
+    """Floating values in float32 at least: bf16/fp16 logits are reduced in float32, as
+    the flax examples do (a bf16 softmax cross-entropy is off in the second digit)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4 else x
+
+
 def _class_targets(outputs: jax.Array, targets: jax.Array, name: str) -> str:
     """'int' for integer labels, 'dense' for one-hot or probabilities; else ShapeError."""
     o, t = outputs, targets
@@ -41,6 +48,7 @@ def _class_targets(outputs: jax.Array, targets: jax.Array, name: str) -> str:
 @builtin
 def softmax_cross_entropy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
     """Cross-entropy of softmax(logits) with integer labels or one-hot/probability targets."""
+    outputs = f32(outputs)
     kind = _class_targets(outputs, targets, "softmax_cross_entropy")
     if kind == "dense":
         ce = optax.softmax_cross_entropy(outputs, targets.astype(outputs.dtype))
@@ -53,7 +61,7 @@ def softmax_cross_entropy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
 @builtin
 def sigmoid_binary_cross_entropy(outputs: jax.Array, targets: jax.Array) -> jax.Array:
     """Binary (or multi-label) cross-entropy of sigmoid(logits); targets in [0, 1]."""
-    o, t = match_regression(outputs, targets, "sigmoid_binary_cross_entropy")
+    o, t = match_regression(f32(outputs), targets, "sigmoid_binary_cross_entropy")
     v = optax.sigmoid_binary_cross_entropy(o, t.astype(o.dtype))
     return v.reshape(v.shape[0], -1).mean(axis=1) if v.ndim > 1 else v
 
@@ -61,7 +69,7 @@ def sigmoid_binary_cross_entropy(outputs: jax.Array, targets: jax.Array) -> jax.
 def _regression(fn, name):
     @builtin
     def loss(outputs: jax.Array, targets: jax.Array) -> jax.Array:
-        o, t = match_regression(outputs, targets, name)
+        o, t = match_regression(f32(outputs), f32(targets), name)
         v = fn(o, t.astype(o.dtype))
         return v.reshape(v.shape[0], -1).mean(axis=1) if v.ndim > 1 else v
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from jaxfit import ConfigError, Trainer
-from jaxfit.steps import auto_unroll
+from jaxfit.engine import auto_unroll
 
 
 class TinyCNN(nn.Module):
@@ -61,7 +61,7 @@ def test_invalid_scan_unroll_is_rejected(bad):
 
 
 def _fake_step(delay):
-    def step(state, x, y, mask):
+    def step(state, batch, mask):
         import time
 
         time.sleep(delay)
@@ -78,7 +78,7 @@ def test_fusion_chooser_keeps_the_faster_way(fused_delay, single_delay, expected
 
     chosen = []
     chooser = FusionChooser(chosen.append)
-    ex = Execution(np.zeros((4, 2, 3)), np.zeros((4, 2)), (2, 2, 2, 2), 2)
+    ex = Execution((np.zeros((4, 2, 3)), np.zeros((4, 2))), (2, 2, 2, 2), 2)
     state = 0
     for _ in range(8):
         state, _ = chooser.run(_fake_step(fused_delay), _fake_step(single_delay), state, ex,
@@ -124,10 +124,10 @@ def test_unrolled_or_explicit_fusion_is_not_second_guessed():
 
     chosen = []
     chooser = FusionChooser(chosen.append, measure=lambda: False)
-    ex = Execution(np.zeros((2, 1, 3)), np.zeros((2, 1)), (1, 1), 1)
+    ex = Execution((np.zeros((2, 1, 3)), np.zeros((2, 1))), (1, 1), 1)
     calls = []
 
-    def single(state, x, y, mask):
+    def single(state, batch, mask):
         calls.append("single")
         return state, np.float32(0)
 

@@ -43,5 +43,5 @@ def test_no_checkpoint_holds_nan_weights(tmp_path, ckpt_kwargs):
     assert saved and max(c.step for c in saved) <= 9
     for info in saved:
         _, _, state = read_checkpoint(info.path)
-        params = jax.tree.leaves(state["train_state"]["params"])
+        params = jax.tree.leaves(state["train_state"]["state"]["params"])
         assert all(np.isfinite(p).all() for p in params), info.name

@@ -116,7 +116,7 @@ def test_structure_mismatch_names_path_and_both_shapes(tmp_path, data):
     run = tmp_path / "run"
     make_trainer().fit(MLP(), data, epochs=1, batch_size=16, callbacks=[ModelCheckpoint(run)])
     with pytest.raises(CheckpointStructureError,
-                       match=r"step5/state\.msgpack: train_state\.params\.Dense_0\.bias: "
+                       match=r"step5/state\.msgpack: train_state\.state\.params\.Dense_0\.bias: "
                              r"saved shape \(3,\), expected \(4,\)"):
         restore(make_trainer(), run, model=MLP(classes=4), data=data, epochs=2)
 

@@ -38,7 +38,7 @@ def test_state_kept_outside_state_dict_is_reported(data):
     report = verify_resume(make_trainer(), BNDropout(), data, stop_at=6, epochs=3,
                            batch_size=16, callbacks=[ForgetfulDecay()])
     assert not report
-    assert "stop at 6: train_state/params/" in str(report)
+    assert "stop at 6: train_state/state/params/" in str(report)
     assert "learning_rate differs" in str(report)
 
 

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     from jaxfit import ConfigError
     assert jax.device_count() == 8
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(100, 4)).astype(np.float32); y = (x[:, 0] > 0).astype(np.int32)
+    x = rng.normal(size=(104, 4)).astype(np.float32)  # the last batch of 8 splits over 8 devices; y = (x[:, 0] > 0).astype(np.int32)
     out = {}
     for name, mesh in [("single", None), ("mesh", jax.make_mesh((8,), ("data",)))]:
         for k in (1, 2):
@@ -40,6 +40,10 @@ SCRIPT = textwrap.dedent("""
         make_trainer(mesh=jax.make_mesh((8,), ("data",))).fit(BNDropout(), (x, y), batch_size=12)
     except ConfigError as e:
         out["error"] = str(e)
+    try:  # a BatchNorm model: padding the last batch (100 = 6 * 16 + 4) would leak into its statistics
+        make_trainer(mesh=jax.make_mesh((8,), ("data",))).fit(BNDropout(), (x[:100], y[:100]), batch_size=16)
+    except ConfigError as e:
+        out["pad_error"] = str(e)
     print(json.dumps(out))
 """)
 
@@ -66,3 +70,5 @@ def test_data_parallel_on_8_cpu_devices_matches_single_device():
         assert mesh["traces"] == single["traces"]  # hyperparameter writes on a mesh do not recompile
         assert "NamedSharding" in mesh["sharding"]
     assert "batch size 12 does not split evenly over the 8 devices" in out["error"]
+    assert "last batch of 4 samples does not split over the 8 devices" in out["pad_error"]
+    assert "drop_remainder=True" in out["pad_error"]

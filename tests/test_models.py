@@ -80,7 +80,7 @@ def test_nnx_model_trains_and_switches_train_eval(data):
     h = trainer.history.history
     assert h["loss"][-1] < h["loss"][0]
     assert np.array_equal(trainer.predict(x), trainer.predict(x))  # eval mode: no dropout
-    merged = trainer._adapter.merged(trainer.params, trainer.model_state)
+    merged = trainer._step_obj.adapter.merged(trainer.params, trainer.model_state)
     assert isinstance(merged, NNXNet)
 
 
@@ -111,5 +111,5 @@ def test_nnx_module_stays_usable_and_holds_the_trained_state(data):
 def test_linen_init_is_compiled_once_per_module_and_shape(data):
     from jaxfit.models import _jitted_init
 
-    assert _jitted_init(MLP(), False) is _jitted_init(MLP(), False)
-    assert _jitted_init(MLP(), False) is not _jitted_init(MLP(classes=4), False)
+    assert _jitted_init(MLP(), ()) is _jitted_init(MLP(), ())
+    assert _jitted_init(MLP(), ()) is not _jitted_init(MLP(classes=4), ())

@@ -1,0 +1,119 @@
+"""A trainer's resumable state as plain data, and back; what checkpoints store.
+
+``state_dict`` is msgpack-ready (nested dicts of numpy arrays and Python scalars). Restoring
+builds the state's template *abstractly* — ``jax.eval_shape`` of the step's init on the saved
+batch shapes — so loading a run compiles nothing and initialises nothing before the first
+resumed step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from jaxfit import _tree
+from jaxfit.callback import CallbackList
+from jaxfit.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from jaxfit.trainer import Trainer
+
+STATE_FORMAT = 2
+
+
+def state_dict(trainer: Trainer) -> dict[str, Any]:
+    return {
+        "format": STATE_FORMAT,
+        "train_state": _tree.to_dict(trainer.engine_state),
+        "step": trainer._step,
+        "epoch": trainer._epochs_completed,
+        "batch_in_epoch": trainer.batch_in_epoch,
+        "seed": trainer.seed,
+        "run_id": trainer.run_id,
+        "rng": _seed_key_data(trainer.seed).copy(),
+        "input_spec": encode_spec(trainer._batch_spec),
+        "history": trainer.history.state_dict(),
+        "callbacks": CallbackList(trainer._user_callbacks).state_dict(),
+        "stop_reason": trainer.stop_reason,
+    }
+
+
+def load_state_dict(trainer: Trainer, sd: dict[str, Any]) -> None:
+    if trainer._engine is None:
+        raise ConfigError("load_state_dict needs the model: build the trainer with Trainer.from_recipe or fit first")
+    if sd.get("format") != STATE_FORMAT:
+        raise ConfigError(f"unsupported state format {sd.get('format')!r}; this jaxfit reads format {STATE_FORMAT}")
+    if int(sd["seed"]) != trainer.seed:
+        raise ConfigError(f"the saved run used seed {sd['seed']}, this trainer seed {trainer.seed}")
+    spec = decode_spec(sd.get("input_spec")) or trainer._batch_spec
+    if spec is None:
+        data = trainer._fit_args.get("data")
+        if data is None:
+            raise ConfigError("cannot rebuild the state's structure: the checkpoint holds no batch "
+                              "shapes and no training data was given; pass data= to restore")
+        spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                      trainer._source(data, "training data", batch_size=trainer._fit_args.get("batch_size")).example())
+    assert trainer._engine is not None
+    template = trainer._engine.init_state(trainer._model, spec, abstract=True)
+    restored = _tree.from_dict(template, sd["train_state"], "train_state")
+    # Fresh device buffers, so the first resumed step can donate them.
+    trainer._es = trainer._place_state(jax.tree_util.tree_map(lambda a: jax.device_put(a), restored))
+    trainer._batch_spec = spec
+    trainer._masks.clear()
+    trainer._step, trainer._epochs_completed = int(sd["step"]), int(sd["epoch"])
+    trainer.batch_in_epoch = int(sd["batch_in_epoch"])
+    trainer.stop_reason = sd.get("stop_reason")
+    trainer.run_id = sd.get("run_id") or trainer.run_id
+    trainer.history.load_state_dict(sd["history"])
+    CallbackList(trainer._user_callbacks).load_state_dict(sd.get("callbacks", {}))
+
+
+def recipe(trainer: Trainer) -> dict[str, Any]:
+    return {
+        "trainer": dict(optimizer=trainer.optimizer, loss=trainer.loss, metrics=trainer.metrics,
+                        seed=trainer.seed, step=trainer.custom_step,
+                        steps_per_execution=trainer.steps_per_execution, scan_unroll=trainer.scan_unroll,
+                        input_keys=trainer.input_keys, target_keys=trainer.target_keys,
+                        handle_signals=trainer.handle_signals, data_axis=trainer.data_axis),
+        "model": trainer._model,
+        "callbacks": list(trainer._user_callbacks),
+        "fit": dict(trainer._fit_args),
+        "batch_spec": trainer._batch_spec,
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _seed_key_data(seed: int) -> np.ndarray:
+    # Computed once per seed: every checkpoint save asks for it, on the training thread.
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+def encode_spec(spec: Any) -> Any:
+    """The batch's shapes as msgpack data: arrays, dicts, lists and tuples; None when the
+    batch has other containers (a named tuple, a graph batch: the recipe keeps those)."""
+    if spec is None:
+        return None
+    if hasattr(spec, "shape") and hasattr(spec, "dtype"):
+        return {"shape": list(spec.shape), "dtype": str(spec.dtype)}
+    if isinstance(spec, dict) and all(isinstance(k, str) for k in spec):
+        parts = {k: encode_spec(v) for k, v in spec.items()}
+        return None if any(v is None for v in parts.values()) else {"dict": parts}
+    if type(spec) in (list, tuple):
+        parts = [encode_spec(v) for v in spec]
+        return None if any(v is None for v in parts) else {type(spec).__name__: parts}
+    return None
+
+
+def decode_spec(node: Any) -> Any:
+    if node is None:
+        return None
+    if "dict" in node:
+        return {k: decode_spec(v) for k, v in node["dict"].items()}
+    if "tuple" in node:
+        return tuple(decode_spec(v) for v in node["tuple"])
+    if "list" in node:
+        return [decode_spec(v) for v in node["list"]]
+    return jax.ShapeDtypeStruct(tuple(node["shape"]), jax.numpy.dtype(node["dtype"]))
