@@ -170,7 +170,7 @@ def main(argv=None) -> None:
 
     print("== 3. Trainer.load(run).fit() ==")
     trainer = Trainer.load(str(run_dir))
-    live = trainer.state_dict()["train_state"]
+    live = trainer.state_dict()["train_state"]["state"]
     print(f"loaded at step {trainer.step} (epoch {trainer.epoch} done, {trainer.batch_in_epoch} "
           f"batches into the next); params restored bit for bit: "
           f"{identical(live['params'], saved['params'])}; optimizer state restored bit for bit: "
