@@ -35,7 +35,9 @@ class ReduceOnPlateau(MonitorCallback):
     An epoch that ends a cooldown (the counter reaches 0) can already count towards
     ``wait``. ``patience=0`` reduces at every epoch that does not improve (outside
     cooldown). Improvement is absolute (``value < best - min_delta`` in ``"min"`` mode),
-    so negative metrics work.
+    so negative metrics work. ``best`` starts at ``+inf`` (``"min"``) or ``-inf``
+    (``"max"``), as in Keras's ReduceLROnPlateau: a first value equal to it (a diverged
+    first epoch) is no improvement and counts towards ``patience``.
 
     How it reduces:
 
@@ -105,7 +107,7 @@ class ReduceOnPlateau(MonitorCallback):
         return base if self.hyperparam == "learning_rate" else f"{base}[{self.hyperparam}]"
 
     def _reset(self) -> None:
-        self.best = self.worst
+        self.reset_best()
         self.wait = 0
         self.cooldown_counter = 0
         self.reductions = 0
@@ -126,7 +128,7 @@ class ReduceOnPlateau(MonitorCallback):
             self.cooldown_counter -= 1
             self.wait = 0
         if self.is_improvement(value):
-            self.best = value
+            self.record_best(value)
             self.wait = 0
         elif not self.in_cooldown():
             self.wait += 1
@@ -168,6 +170,7 @@ class ReduceOnPlateau(MonitorCallback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = float(state["best"])
+        self.has_best = self.best != self.worst
         self.wait = int(state["wait"])
         self.cooldown_counter = int(state["cooldown_counter"])
         self.reductions = int(state["reductions"])
