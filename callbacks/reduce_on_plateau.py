@@ -52,7 +52,10 @@ class ReduceOnPlateau(MonitorCallback):
       left alone, so a schedule that decays (or warms up) afterwards still moves the value
       below (or above) ``min_lr``.
 
-    "The value in use" is ``trainer.hyperparams[name]``, the value the last step used.
+    "The value in use" is ``trainer.hyperparams[name]``, the value the last step used. It
+    goes into the epoch's logs under the hyperparameter's name (``logs["learning_rate"]``,
+    declared in ``log_keys``) before any reduction, so the History records the value each
+    epoch applied and ``python -m jaxfit plot`` draws it.
 
     State (``best``, ``wait``, ``cooldown_counter``, the number of reductions and the total
     factor applied) survives a resume; the reduced value itself lives in the optimizer
@@ -76,6 +79,8 @@ class ReduceOnPlateau(MonitorCallback):
         ('min', 0.5)
     """
 
+    log_keys: tuple[str, ...] = ("learning_rate",)
+
     def __init__(
         self,
         monitor: str = "val_loss",
@@ -98,6 +103,8 @@ class ReduceOnPlateau(MonitorCallback):
         self.cooldown = check_count("ReduceOnPlateau", "cooldown", cooldown)
         self.min_lr = check_number("ReduceOnPlateau", "min_lr", min_lr)
         self.hyperparam = hyperparam
+        if hyperparam != "learning_rate":
+            self.log_keys = (hyperparam,)
         self.verbose = bool(verbose)
         self._reset()
 
@@ -123,6 +130,8 @@ class ReduceOnPlateau(MonitorCallback):
             self._reset()
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        # The value this epoch applied, before a reduction changes it for the next.
+        logs[self.hyperparam] = trainer.hyperparams[self.hyperparam]
         value = self.monitored(logs)
         if self.in_cooldown():
             self.cooldown_counter -= 1
