@@ -2,14 +2,20 @@
 
 ``Trainer.fit`` runs jitted, donated train steps and dispatches to callback plugins
 (``jaxfit.callbacks``); ``Trainer.load(run).fit()`` resumes a run exactly where it stopped.
+
+The names that need JAX (``Trainer``, ``TrainState``, ``HyperParams``) are imported on first
+use (a module ``__getattr__``): ``import jaxfit``, the errors, ``Callback`` and ``History``
+cost no JAX import, so ``python -m jaxfit --help`` and ``info`` answer at once.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import os
 import sys
+from typing import TYPE_CHECKING, Any
 
 from jaxfit._allocator import tune_allocator as _tune_allocator
 from jaxfit._version import __version__ as __version__
@@ -24,9 +30,39 @@ from jaxfit.errors import MonitorError as MonitorError
 from jaxfit.errors import Preempted as Preempted
 from jaxfit.errors import ShapeError as ShapeError
 from jaxfit.history import History as History
-from jaxfit.hyperparams import HyperParams as HyperParams
-from jaxfit.steps import TrainState as TrainState
-from jaxfit.trainer import Trainer as Trainer
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers; at run time see __getattr__
+    from jaxfit.hyperparams import HyperParams as HyperParams
+    from jaxfit.steps import TrainState as TrainState
+    from jaxfit.trainer import Trainer as Trainer
+
+# Public name -> the module that defines it, imported when the name is first looked up.
+_LAZY = {
+    "HyperParams": "jaxfit.hyperparams",
+    "TrainState": "jaxfit.steps",
+    "Trainer": "jaxfit.trainer",
+}
+
+__all__ = [
+    "Callback", "CallbackError", "CallbackList", "ConfigError", "DataError", "History",
+    "HyperParams", "HyperparamError", "JaxfitError", "MonitorError", "Preempted",
+    "ShapeError", "TrainState", "Trainer", "__version__",
+]  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
+    # `import jaxfit; jaxfit.trainer` worked while the engine was imported eagerly.
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 class _CheckoutCallbacksFinder(importlib.abc.MetaPathFinder):
