@@ -146,7 +146,9 @@ class TableLayout:
 
     NUMBER = 9  # the widest number(): "-1.234e-05" less the sign most values lack
 
-    def __init__(self, width: int, epochs_label: str, keys: Sequence[str], hyperparams: Sequence[str]):
+    def __init__(
+        self, width: int, epochs_label: str, keys: Sequence[str], hyperparams: Sequence[str]
+    ) -> None:
         extra = ["time", "steps/s"]
         plans = [
             (list(keys) + extra, False),

@@ -38,7 +38,13 @@ import optax
 from sklearn.datasets import load_digits
 
 from jaxfit import Trainer
-from jaxfit.callbacks import EarlyStopping, LRScheduler, ModelCheckpoint, ReduceOnPlateau, RichProgress
+from jaxfit.callbacks import (
+    EarlyStopping,
+    LRScheduler,
+    ModelCheckpoint,
+    ReduceOnPlateau,
+    RichProgress,
+)
 
 RUNS = Path("runs/digits_cnn")
 
@@ -103,9 +109,10 @@ def run_dir_for(args: argparse.Namespace) -> Path:
 def train_new(args: argparse.Namespace, run_dir: Path) -> Trainer:
     (x_train, y_train), (x_val, y_val) = digits()
     if args.smoke:
-        (x_train, y_train), (x_val, y_val) = (x_train[:240], y_train[:240]), (x_val[:60], y_val[:60])
+        x_train, y_train, x_val, y_val = x_train[:240], y_train[:240], x_val[:60], y_val[:60]
     steps_per_epoch = -(-len(x_train) // args.batch_size)
     total_steps = steps_per_epoch * args.epochs
+    warmup_cosine = optax.warmup_cosine_decay_schedule(0.0, 0.05, steps_per_epoch, total_steps)
     trainer = Trainer(
         optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9),
         loss="softmax_cross_entropy",
@@ -119,7 +126,7 @@ def train_new(args: argparse.Namespace, run_dir: Path) -> Trainer:
         epochs=args.epochs,
         batch_size=args.batch_size,
         callbacks=[
-            LRScheduler(optax.warmup_cosine_decay_schedule(0.0, 0.05, steps_per_epoch, total_steps)),
+            LRScheduler(warmup_cosine),
             ReduceOnPlateau(monitor="val_loss", factor=0.5, patience=2),
             ModelCheckpoint(run_dir, monitor="val_accuracy", mode="max"),
             EarlyStopping(monitor="val_loss", patience=5, restore_best=True),

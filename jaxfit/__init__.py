@@ -81,7 +81,9 @@ class _CheckoutCallbacksFinder(importlib.abc.MetaPathFinder):
         if fullname != "jaxfit.callbacks":
             return None
         return importlib.util.spec_from_file_location(
-            fullname, os.path.join(self.folder, "__init__.py"), submodule_search_locations=[self.folder]
+            fullname,
+            os.path.join(self.folder, "__init__.py"),
+            submodule_search_locations=[self.folder],
         )
 
 

@@ -140,7 +140,8 @@ def info(run: str, verify: bool = True) -> int:
     run_dir = path.parent if _manifest.is_checkpoint_dir(path) else path
     infos = _manifest.scan(run_dir)
     valid = {i.name for i in infos if (i.verify() if verify else i.manifest is not None)}
-    monitors = [i.manifest.get("monitor") for i in infos if i.manifest and i.manifest.get("monitor")]
+    monitors = [i.manifest.get("monitor") for i in infos
+                if i.manifest and i.manifest.get("monitor")]  # fmt: skip
     monitor = monitors[-1] if monitors else None
     mode = next((i.manifest.get("mode") for i in reversed(infos)
                  if i.manifest and i.manifest.get("monitor") == monitor), None)

@@ -26,8 +26,9 @@ def test_runs_again_and_again_then_trains_the_newest_further(tmp_path):
     second = run_example("digits_cnn.py", "--smoke", cwd=tmp_path)
     runs = tmp_path / "runs" / "digits_cnn"
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
-    assert "checkpoints in runs/digits_cnn/version_0; train further with: python " \
-           "examples/digits_cnn.py --resume --run-dir runs/digits_cnn/version_0 --epochs 30" in first
+    hint = ("checkpoints in runs/digits_cnn/version_0; train further with: python "
+            "examples/digits_cnn.py --resume --run-dir runs/digits_cnn/version_0 --epochs 30")
+    assert hint in first
     assert "--resume --run-dir runs/digits_cnn/version_1 --epochs 30" in second
     # The smoke schedule is sized for 2 epochs (8 steps): from step 8 on it gives 0, so
     # without a new schedule epochs 3 and 4 would not train at all.
@@ -35,7 +36,8 @@ def test_runs_again_and_again_then_trains_the_newest_further(tmp_path):
     assert set(before) == {1, 2}
 
     out = run_example("digits_cnn.py", "--resume", "--epochs", "4", cwd=tmp_path)
-    assert "resuming runs/digits_cnn/version_1 at epoch 2, step 8 (finished: all epochs done)" in out
+    resumed = "resuming runs/digits_cnn/version_1 at epoch 2, step 8 (finished: all epochs done)"
+    assert resumed in out
     assert "training further to epoch 4: EarlyStopping's patience starts over" in out
     after = lrs(out)
     assert set(after) == {3, 4}

@@ -128,8 +128,9 @@ def test_is_progress_and_the_default_progress_entry_point():
     found = [ep for ep in entry_points(group="jaxfit.progress") if ep.name == "default"]
     if not found:
         # Not installed from this checkout's pyproject (a source-tree run): read it there.
-        import tomllib
         from pathlib import Path
+
+        import tomllib
 
         meta = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
         target = meta["project"]["entry-points"]["jaxfit.progress"]["default"]

@@ -34,7 +34,8 @@ class Pane:
 
     def __init__(self, tmp: Path, width: int, command: str) -> None:
         self.socket = f"jaxfit-test-{os.getpid()}-{width}"
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONIOENCODING="utf-8")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(HERE)]),
+                   PYTHONIOENCODING="utf-8")  # fmt: skip
         env.pop("COLUMNS", None)  # the pane's own size must decide
         env.pop("LINES", None)
         # The command's output stays on screen after it ends (the trailing sleep).
@@ -109,7 +110,8 @@ def test_rich_progress_in_a_real_terminal(tmp_path, width):
         assert rows == ["1/3", "2/3", "3/3"], screen
         assert not any(ln.startswith("Epoch ") for ln in lines), screen  # the bar is gone
         # No word of the summary is cut at the edge of the screen.
-        summary = "\n".join(lines[lines.index(next(ln for ln in lines if ln.startswith("Trained"))):])
+        first = next(i for i, ln in enumerate(lines) if ln.startswith("Trained"))
+        summary = "\n".join(lines[first:])
         assert re.search(r"first step \(with compilation\) \S+s;", summary), summary
         assert re.search(r"(learning_rate|lr) \d\.\d{4}$", summary), summary
     finally:

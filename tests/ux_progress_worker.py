@@ -12,16 +12,14 @@ import os
 import sys
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # the tests helpers, then this checkout's jaxfit
+# Run with PYTHONPATH=<checkout>:<checkout>/tests (test_ux_terminal.py does): this jaxfit
+# and the suite's helpers.
+import numpy as np
+import optax
+from conftest import MLP
 
-import optax  # noqa: E402
-from conftest import MLP  # noqa: E402
-
-from jaxfit import Trainer  # noqa: E402
-from jaxfit.callbacks import LambdaCallback, LRScheduler, RichProgress  # noqa: E402
-
-import numpy as np  # noqa: E402
+from jaxfit import Trainer
+from jaxfit.callbacks import LambdaCallback, LRScheduler, RichProgress
 
 
 def main() -> None:
