@@ -51,7 +51,7 @@ def values(named: dict[str, Any]) -> str:
 
 def epoch_line(
     epoch: int,
-    epochs: int,
+    epochs: int | None,
     logs: dict[str, Any],
     seconds: float,
     steps_per_s: float | None,

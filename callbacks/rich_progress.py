@@ -187,7 +187,7 @@ class RichProgress(Callback):
             # Wait for it once so that compilation stays out of every rate and ETA.
             jax.block_until_ready(logs["loss"])
             now = time.perf_counter()
-            if self._first_step is None:
+            if self._first_step is None and self._fit_t0 is not None:
                 self._first_step = now - self._fit_t0
             self._clock = (now, trainer.step)
             return
@@ -213,14 +213,14 @@ class RichProgress(Callback):
         seconds = now - self._epoch_t0
         if self._progress is None:
             line = fmt.epoch_line(trainer.epoch, self._epochs, shown, seconds, speed, self._batch)
-            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+            self._con.print(line, highlight=False, markup=False, soft_wrap=True)
             return
         self._progress.update(self._task, completed=trainer.step - self._epoch_step0)
         header = self._layout is None
         if self._layout is None:
             # Fixed at the first row: the rows are printed one by one and must align.
             label = f"{self._epochs}/{self._epochs}"
-            self._layout = fmt.TableLayout(self.console.width, label, list(shown), self._hp)
+            self._layout = fmt.TableLayout(self._con.width, label, list(shown), self._hp)
         row = {k: fmt.number(v) for k, v in shown.items()}
         row.update(epoch=f"{trainer.epoch}/{self._epochs}", time=fmt.duration(seconds))
         row["steps/s"] = "-" if speed is None else f"{speed:.1f}"
@@ -228,9 +228,9 @@ class RichProgress(Callback):
             self._progress.console.print(self._layout.table(row, header))
             return
         # Too narrow for a table: the epoch as lines of values.
-        lines = fmt.value_lines(shown, self.console.width)
+        lines = fmt.value_lines(shown, self._con.width)
         lines.insert(0, f"Epoch {row['epoch']} - {row['time']} - {row['steps/s']} steps/s")
-        self._progress.console.print("\n".join(lines), highlight=False, markup=False)
+        self._con.print("\n".join(lines), highlight=False, markup=False)
 
     def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         live = self._progress is not None
@@ -238,6 +238,7 @@ class RichProgress(Callback):
             self._progress.stop()
             self._progress = None
         if self._fit_t0 is None:  # an earlier callback's on_fit_start failed: nothing to sum up
+            self._setup_t0 = None
             return
         now = time.perf_counter()
         start = self._fit_t0 if self._setup_t0 is None else self._setup_t0
@@ -256,11 +257,17 @@ class RichProgress(Callback):
             logs.get("stop_reason"),
             self._last,
             setup=setup,
-            width=self.console.width if live else None,
+            width=self._con.width if live else None,
         )
-        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+        self._con.print(text, highlight=False, markup=False, soft_wrap=True)
 
     # -------------------------------------------------------------- helpers
+    @property
+    def _con(self) -> Console:
+        """The console of the fit under way (set by ``on_fit_start``)."""
+        assert self.console is not None, "RichProgress: used before on_fit_start"
+        return self.console
+
     def _close_epoch_clock(self, trainer: Trainer, end: float) -> float | None:
         if self._clock is None:
             return None

@@ -50,10 +50,11 @@ def _annotated_type(param: inspect.Parameter) -> Callable[[str], object]:
 def _format_size(nbytes: int | None) -> str:
     if nbytes is None:
         return "-"
+    size = float(nbytes)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     return ""  # unreachable
 
 

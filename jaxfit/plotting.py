@@ -172,7 +172,7 @@ def plot_history(
     logs = _as_dict(history)
     panels = []
     for key in _ordered_keys(logs):
-        series = {}
+        series: dict[str, tuple[Sequence[float], Sequence[float | None]]] = {}
         if key in logs:
             series["train" if f"val_{key}" in logs else key] = _xy(logs[key])
         if f"val_{key}" in logs:
@@ -212,7 +212,7 @@ def plot_command(
     """
     from jaxfit.checkpoint import read_checkpoint
 
-    ckpt_dir, manifest, state = read_checkpoint(run)
+    ckpt_dir, manifest, state = read_checkpoint(Path(run))
     history = (state.get("history") or {}).get("history") or {}
     if not history:
         raise ValueError(
