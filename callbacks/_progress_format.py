@@ -89,10 +89,16 @@ def value_lines(named: dict[str, Any], width: int) -> list[str]:
     items = [f"{k} {number(v)}" for k, v in named.items()]
     if len("  ".join(items)) > width:
         items = [f"{abbreviate(k)} {number(v)}" for k, v in named.items()]
+    return pack(items, "  ", width)
+
+
+def pack(items: Sequence[str], sep: str, width: int) -> list[str]:
+    """``items`` joined by ``sep`` into lines of at most ``width`` columns, none cut (a line
+    holds at least one item, however long)."""
     lines: list[str] = []
     for item in items:
-        if lines and len(lines[-1]) + 2 + len(item) <= width:
-            lines[-1] += "  " + item
+        if lines and len(lines[-1]) + len(sep) + len(item) <= width:
+            lines[-1] += sep + item
         else:
             lines.append(item)
     return lines
@@ -221,10 +227,4 @@ def summary(
     if width is None:
         text = "; ".join(parts)
         return f"{text}\n{values(last)}" if last else text
-    lines: list[str] = []
-    for part in parts:
-        if lines and len(lines[-1]) + 2 + len(part) <= width:
-            lines[-1] += "; " + part
-        else:
-            lines.append(part)
-    return "\n".join(lines + value_lines(last, width))
+    return "\n".join(pack(parts, "; ", width) + value_lines(last, width))
