@@ -5,6 +5,14 @@ One rule, Keras's: in ``"min"`` mode a value improves on ``best`` when
 comparison is on absolute differences, so it is correct for negative metrics too (a relative
 threshold, as in ``optax.contrib.reduce_on_plateau``, never fires below zero). NaN never
 improves on anything.
+
+Where the first ``best`` comes from differs between Keras's callbacks, and jaxfit follows
+each: Keras 3's EarlyStopping takes the first monitored value as the first best, whatever
+it is (``first_is_best = True``: a first ``+inf`` in ``"min"`` mode is an improvement and
+does not count towards patience), while its ReduceLROnPlateau starts from ``+inf`` /
+``-inf`` (the default here: a first ``+inf`` in ``"min"`` mode is no improvement). The one
+place jaxfit departs from Keras: a NaN first value is not taken as the best (Keras would,
+and then no later value could ever improve on it).
 """
 
 from __future__ import annotations
@@ -74,6 +82,10 @@ class MonitorCallback(Callback):
         ('max', True)
     """
 
+    #: Take the first monitored value as the first best (Keras's EarlyStopping) rather
+    #: than comparing it with ``worst`` (Keras's ReduceLROnPlateau and ModelCheckpoint).
+    first_is_best: bool = False
+
     def __init__(self, monitor: str = "val_loss", mode: str = "auto", min_delta: float = 0.0):
         owner = type(self).__name__
         if not isinstance(monitor, str) or not monitor:
@@ -86,6 +98,7 @@ class MonitorCallback(Callback):
         self.mode = infer_mode(monitor) if mode == "auto" else mode
         self.min_delta = check_number(owner, "min_delta", min_delta)
         self.best = self.worst
+        self.has_best = False  # whether ``best`` holds a monitored value yet
 
     @property
     def worst(self) -> float:
@@ -93,11 +106,27 @@ class MonitorCallback(Callback):
         return math.inf if self.mode == "min" else -math.inf
 
     def is_improvement(self, value: float, reference: float | None = None) -> bool:
-        """Whether ``value`` beats ``reference`` (default: ``best``) by more than min_delta."""
+        """Whether ``value`` beats ``reference`` (default: ``best``) by more than min_delta.
+
+        With ``first_is_best`` and no best recorded yet (:meth:`record_best`), any value
+        but NaN is an improvement on ``best``, as in Keras's EarlyStopping.
+        """
+        if reference is None and self.first_is_best and not self.has_best:
+            return not math.isnan(value)
         ref = self.best if reference is None else reference
         if self.mode == "min":
             return bool(value < ref - self.min_delta)
         return bool(value > ref + self.min_delta)
+
+    def record_best(self, value: float) -> None:
+        """Make ``value`` the best seen so far."""
+        self.best = value
+        self.has_best = True
+
+    def reset_best(self) -> None:
+        """Forget the best seen: the next value is compared with ``worst`` (or taken)."""
+        self.best = self.worst
+        self.has_best = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
         trainer.check_monitor(self.monitor, owner=self)

@@ -24,6 +24,9 @@ class EarlyStopping(MonitorCallback):
     the epoch's value                         what happens
     ========================================  =============================================
     epoch <= ``start_from_epoch``             ignored (warm-up): nothing counts
+    the first monitored value (not NaN)       best := value; wait := 0 (as in Keras 3:
+                                              even ``+inf`` in ``"min"`` mode), unless a
+                                              ``baseline`` is set and not beaten
     improves on best by more than min_delta   best := value (weights kept if restore_best);
                                               wait := 0, unless a ``baseline`` is set and
                                               not beaten
@@ -64,6 +67,8 @@ class EarlyStopping(MonitorCallback):
         'min'
     """
 
+    first_is_best = True  # Keras 3's EarlyStopping starts from best = None
+
     def __init__(
         self,
         monitor: str = "val_loss",
@@ -82,7 +87,7 @@ class EarlyStopping(MonitorCallback):
         self._reset()
 
     def _reset(self) -> None:
-        self.best = self.worst
+        self.reset_best()
         self.wait = 0
         self.best_epoch = 0
         self.stopped_epoch = 0
@@ -103,7 +108,7 @@ class EarlyStopping(MonitorCallback):
             self._keep_weights(trainer, epoch)
         self.wait += 1
         if self.is_improvement(value):
-            self.best = value
+            self.record_best(value)
             if self.restore_best:
                 self._keep_weights(trainer, epoch)
             self.best_epoch = epoch
@@ -137,6 +142,7 @@ class EarlyStopping(MonitorCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "best": self.best,
+            "has_best": self.has_best,
             "wait": self.wait,
             "best_epoch": self.best_epoch,
             "stopped_epoch": self.stopped_epoch,
@@ -145,6 +151,9 @@ class EarlyStopping(MonitorCallback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = float(state["best"])
+        # Checkpoints written before has_best existed: a best other than the start value
+        # was recorded from a monitored value.
+        self.has_best = bool(state.get("has_best", self.best != self.worst))
         self.wait = int(state["wait"])
         self.best_epoch = int(state["best_epoch"])
         self.stopped_epoch = int(state["stopped_epoch"])

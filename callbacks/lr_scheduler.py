@@ -27,6 +27,10 @@ class LRScheduler(Callback):
     (``k`` is the run's step count, which is checkpointed). Training with
     ``LRScheduler(s)`` matches passing ``s`` to ``optax.inject_hyperparams`` directly.
 
+    At each epoch end the value the epoch's last step applied goes into the logs under the
+    hyperparameter's name (``logs["learning_rate"]``; declared in ``log_keys``), so the
+    History, ``python -m jaxfit plot``, CSVLogger and TensorBoard record it.
+
     ``scale`` is 1.0 unless a ``ReduceOnPlateau`` on the same hyperparameter lowers it:
     the two compose, a plateau multiplying whatever the schedule says from then on.
 
@@ -55,6 +59,7 @@ class LRScheduler(Callback):
     """
 
     order = -100
+    log_keys: tuple[str, ...] = ("learning_rate",)
 
     def __init__(
         self,
@@ -74,6 +79,8 @@ class LRScheduler(Callback):
         self.schedule = schedule
         self.hyperparam = hyperparam
         self.by = by
+        if hyperparam != "learning_rate":
+            self.log_keys = (hyperparam,)
 
     @property
     def state_key(self) -> str:
@@ -88,6 +95,11 @@ class LRScheduler(Callback):
         fn = self.schedule if self.by == "step" else self._epoch_schedule(trainer)
         _check_traceable(fn, self.schedule)
         hp.attach_schedule(self.hyperparam, fn, owner=self)
+
+    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        # The value the epoch's last step applied (schedule times any plateau factor): one
+        # scalar read per epoch.
+        logs[self.hyperparam] = trainer.hyperparams[self.hyperparam]
 
     def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         # Leave the trainer as it was: between fits the hyperparameter is plain again (it

@@ -35,7 +35,9 @@ class ReduceOnPlateau(MonitorCallback):
     An epoch that ends a cooldown (the counter reaches 0) can already count towards
     ``wait``. ``patience=0`` reduces at every epoch that does not improve (outside
     cooldown). Improvement is absolute (``value < best - min_delta`` in ``"min"`` mode),
-    so negative metrics work.
+    so negative metrics work. ``best`` starts at ``+inf`` (``"min"``) or ``-inf``
+    (``"max"``), as in Keras's ReduceLROnPlateau: a first value equal to it (a diverged
+    first epoch) is no improvement and counts towards ``patience``.
 
     How it reduces:
 
@@ -50,7 +52,10 @@ class ReduceOnPlateau(MonitorCallback):
       left alone, so a schedule that decays (or warms up) afterwards still moves the value
       below (or above) ``min_lr``.
 
-    "The value in use" is ``trainer.hyperparams[name]``, the value the last step used.
+    "The value in use" is ``trainer.hyperparams[name]``, the value the last step used. It
+    goes into the epoch's logs under the hyperparameter's name (``logs["learning_rate"]``,
+    declared in ``log_keys``) before any reduction, so the History records the value each
+    epoch applied and ``python -m jaxfit plot`` draws it.
 
     State (``best``, ``wait``, ``cooldown_counter``, the number of reductions and the total
     factor applied) survives a resume; the reduced value itself lives in the optimizer
@@ -74,6 +79,8 @@ class ReduceOnPlateau(MonitorCallback):
         ('min', 0.5)
     """
 
+    log_keys: tuple[str, ...] = ("learning_rate",)
+
     def __init__(
         self,
         monitor: str = "val_loss",
@@ -96,6 +103,8 @@ class ReduceOnPlateau(MonitorCallback):
         self.cooldown = check_count("ReduceOnPlateau", "cooldown", cooldown)
         self.min_lr = check_number("ReduceOnPlateau", "min_lr", min_lr)
         self.hyperparam = hyperparam
+        if hyperparam != "learning_rate":
+            self.log_keys = (hyperparam,)
         self.verbose = bool(verbose)
         self._reset()
 
@@ -105,7 +114,7 @@ class ReduceOnPlateau(MonitorCallback):
         return base if self.hyperparam == "learning_rate" else f"{base}[{self.hyperparam}]"
 
     def _reset(self) -> None:
-        self.best = self.worst
+        self.reset_best()
         self.wait = 0
         self.cooldown_counter = 0
         self.reductions = 0
@@ -121,12 +130,14 @@ class ReduceOnPlateau(MonitorCallback):
             self._reset()
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        # The value this epoch applied, before a reduction changes it for the next.
+        logs[self.hyperparam] = trainer.hyperparams[self.hyperparam]
         value = self.monitored(logs)
         if self.in_cooldown():
             self.cooldown_counter -= 1
             self.wait = 0
         if self.is_improvement(value):
-            self.best = value
+            self.record_best(value)
             self.wait = 0
         elif not self.in_cooldown():
             self.wait += 1
@@ -168,6 +179,7 @@ class ReduceOnPlateau(MonitorCallback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = float(state["best"])
+        self.has_best = self.best != self.worst
         self.wait = int(state["wait"])
         self.cooldown_counter = int(state["cooldown_counter"])
         self.reductions = int(state["reductions"])

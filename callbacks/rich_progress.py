@@ -7,8 +7,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.console import Console, RenderableType
+from rich.progress import Progress
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
 
 from jaxfit.callback import Callback
 from jaxfit.errors import ConfigError
@@ -23,12 +26,26 @@ if TYPE_CHECKING:  # pragma: no cover
 class RichProgress(Callback):
     """Shows training progress: a live bar on a terminal, one line per epoch elsewhere.
 
-    On a terminal or in a notebook: ``Epoch k/N``, a step bar, steps/s and
-    samples/s, the ETA of the epoch and of the fit (training time, validation not
-    included), and the epoch-so-far loss, metrics and learning rate,
-    refreshed ``refresh_per_second`` times a second; above it, a table row per epoch (train
-    and validation metrics, hyperparameters, time, throughput) and a closing summary.
-    Elsewhere (CI logs, a file, a pipe) it prints one plain line per epoch and the summary.
+    ``verbose`` has Keras's meaning: ``1`` (the default) a live bar on a terminal or in a
+    notebook, ``2`` one line per epoch and no bar, ``0`` nothing.
+
+    The live display: ``Epoch k/N``, a step bar and a step counter, then steps/s, samples/s
+    and the ETA of the epoch and of the fit (training time, validation not included); under
+    it the epoch-so-far loss, metrics and learning rate, refreshed ``refresh_per_second``
+    times a second; above it, a table row per epoch (train and validation metrics,
+    hyperparameters, time, throughput) and a closing summary. Elsewhere (CI logs, a file, a
+    pipe) and with ``verbose=2`` it prints one plain line per epoch and the summary.
+
+    The display fits the terminal's width, read at every refresh: the label, the bar (at
+    least 10 columns) and the counter always stay; the ETA, steps/s, the fit's ETA and
+    samples/s follow as far as they fit, in that order; the values wrap onto more lines,
+    with abbreviated names (``v_acc``, ``lr``) when they do not fit on one. The epoch
+    table drops ``steps/s``, then ``time``, then abbreviates its headers, then drops the
+    hyperparameter columns; narrower still, each epoch is printed as lines of values.
+
+    The summary's time is the whole ``fit`` call, from its ``setup`` on; ``set-up`` is its
+    part before training (data checks, model initialisation), ``first step`` the first
+    execution (compilation included).
 
     What it costs: per step, one clock read. Values are fetched from the device only at a
     refresh (``trainer.running_logs()``, one sync a few times a second) and at epoch ends,
@@ -41,26 +58,42 @@ class RichProgress(Callback):
     In a multi-process run only process 0 prints.
 
     Args:
+        verbose: ``1`` live bar (plain lines when not a terminal), ``2`` one line per
+            epoch, ``0`` silent.
         refresh_per_second: live display refresh rate (values are fetched at this rate).
         console: the ``rich.console.Console`` to print to (default: a new one on stdout).
         live: force the live display (True) or plain lines (False); by default, live when
-            the console is a terminal or a Jupyter notebook.
+            the console is a terminal or a Jupyter notebook (``verbose=1`` only).
         hyperparams: injected hyperparameters to show, when the optimizer has them.
 
     Example:
         >>> from jaxfit.callbacks import RichProgress
         >>> progress = RichProgress(refresh_per_second=2)
+        >>> per_epoch = RichProgress(verbose=2)
     """
 
     order = 200
+    #: ``fit`` adds a progress callback by default unless one with ``is_progress`` is given.
+    is_progress = True
 
     def __init__(
         self,
+        verbose: int = 1,
         refresh_per_second: float = 4.0,
         console: Console | None = None,
         live: bool | None = None,
         hyperparams: Sequence[str] = ("learning_rate",),
     ) -> None:
+        if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+            raise ConfigError(
+                f"RichProgress: verbose must be 0 (silent), 1 (live bar) or 2 (one line per "
+                f"epoch), as in Keras; got verbose = {verbose!r}"
+            )
+        if verbose == 2 and live:
+            raise ConfigError(
+                "RichProgress: verbose=2 prints one line per epoch and no bar, but live=True "
+                "asks for the live bar. Pass verbose=1 with live=True, or drop live."
+            )
         if (
             isinstance(refresh_per_second, bool)
             or not isinstance(refresh_per_second, (int, float))
@@ -73,12 +106,14 @@ class RichProgress(Callback):
             raise ConfigError(
                 f"RichProgress: console must be a rich Console, got {type(console).__name__}"
             )
+        self.verbose = int(verbose)
         self.refresh_per_second = float(refresh_per_second)
         self.console = console
         self.live = live
         self.hyperparams = [hyperparams] if isinstance(hyperparams, str) else list(hyperparams)
         self._progress: Progress | None = None
         self._fit_t0: float | None = None  # set while a fit is under way
+        self._setup_t0: float | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # rich objects hold locks and a refresh thread: they cannot be pickled (Trainer.load
@@ -89,12 +124,19 @@ class RichProgress(Callback):
         return state
 
     # ---------------------------------------------------------------- hooks
+    def setup(self, trainer: Trainer) -> None:
+        # The fit's first moment: the summary's time covers the whole fit call.
+        self._setup_t0 = time.perf_counter()
+
     def on_fit_start(self, trainer: Trainer) -> None:
         if self.console is None:
             self.console = Console()
-        if primary_process():
+        if self.verbose == 0:
+            self.console, self._is_live = Console(quiet=True), False
+        elif primary_process():
             auto = self.console.is_terminal or self.console.is_jupyter
             self._is_live = auto if self.live is None else bool(self.live)
+            self._is_live = self._is_live and self.verbose == 1
         else:  # the other processes of a multi-host run show nothing
             self.console, self._is_live = Console(quiet=True), False
         self._hp = [n for n in self.hyperparams if n in trainer.hyperparams.names]
@@ -106,23 +148,17 @@ class RichProgress(Callback):
         self._clock: tuple[float, int] | None = None  # (time, step) the epoch's clock started
         self._train_end: float | None = None
         self._train_s, self._train_steps = 0.0, 0
-        self._columns: list[str] | None = None
+        self._layout: fmt.TableLayout | None = None
         self._last: dict[str, Any] = {}
         self._next_refresh = 0.0
         if self._is_live:
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[speed]}"),
-                TextColumn("ETA {task.fields[eta]}"),
-                TextColumn("{task.fields[values]}"),
+            self._progress = _LiveBar(
                 console=self.console,
                 refresh_per_second=self.refresh_per_second,
                 transient=True,
             )
             self._task = self._progress.add_task(
-                "", total=self._per_epoch, speed="", eta="?", values=""
+                "", total=self._per_epoch, speed="", eta="?", values="", named={}
             )
             self._progress.start()
 
@@ -142,6 +178,7 @@ class RichProgress(Callback):
                 speed="",
                 eta="?",
                 values="",
+                named={},
             )
 
     def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
@@ -150,7 +187,7 @@ class RichProgress(Callback):
             # Wait for it once so that compilation stays out of every rate and ETA.
             jax.block_until_ready(logs["loss"])
             now = time.perf_counter()
-            if self._first_step is None:
+            if self._first_step is None and self._fit_t0 is not None:
                 self._first_step = now - self._fit_t0
             self._clock = (now, trainer.step)
             return
@@ -176,25 +213,39 @@ class RichProgress(Callback):
         seconds = now - self._epoch_t0
         if self._progress is None:
             line = fmt.epoch_line(trainer.epoch, self._epochs, shown, seconds, speed, self._batch)
-            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+            self._con.print(line, highlight=False, markup=False, soft_wrap=True)
             return
         self._progress.update(self._task, completed=trainer.step - self._epoch_step0)
-        header = self._columns is None
-        if header:
-            self._columns = ["epoch", *shown, "time", "steps/s"]
+        header = self._layout is None
+        if self._layout is None:
+            # Fixed at the first row: the rows are printed one by one and must align.
+            label = f"{self._epochs}/{self._epochs}"
+            self._layout = fmt.TableLayout(self._con.width, label, list(shown), self._hp)
         row = {k: fmt.number(v) for k, v in shown.items()}
         row.update(epoch=f"{trainer.epoch}/{self._epochs}", time=fmt.duration(seconds))
         row["steps/s"] = "-" if speed is None else f"{speed:.1f}"
-        self._progress.console.print(fmt.epoch_table(self._columns, row, header))
+        if self._layout.fits:
+            self._progress.console.print(self._layout.table(row, header))
+            return
+        # Too narrow for a table: the epoch as lines of values.
+        lines = fmt.value_lines(shown, self._con.width)
+        lines.insert(0, f"Epoch {row['epoch']} - {row['time']} - {row['steps/s']} steps/s")
+        self._con.print("\n".join(lines), highlight=False, markup=False)
 
     def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        live = self._progress is not None
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
         if self._fit_t0 is None:  # an earlier callback's on_fit_start failed: nothing to sum up
+            self._setup_t0 = None
             return
-        wall = time.perf_counter() - self._fit_t0
-        self._fit_t0 = None
+        now = time.perf_counter()
+        start = self._fit_t0 if self._setup_t0 is None else self._setup_t0
+        wall, setup = now - start, None
+        if self._setup_t0 is not None:
+            setup = self._fit_t0 - self._setup_t0
+        self._fit_t0 = self._setup_t0 = None
         mean = self._train_steps / self._train_s if self._train_s > 0 else None
         text = fmt.summary(
             trainer.epoch,
@@ -205,10 +256,18 @@ class RichProgress(Callback):
             self._batch,
             logs.get("stop_reason"),
             self._last,
+            setup=setup,
+            width=self._con.width if live else None,
         )
-        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+        self._con.print(text, highlight=False, markup=False, soft_wrap=True)
 
     # -------------------------------------------------------------- helpers
+    @property
+    def _con(self) -> Console:
+        """The console of the fit under way (set by ``on_fit_start``)."""
+        assert self.console is not None, "RichProgress: used before on_fit_start"
+        return self.console
+
     def _close_epoch_clock(self, trainer: Trainer, end: float) -> float | None:
         if self._clock is None:
             return None
@@ -243,4 +302,40 @@ class RichProgress(Callback):
             speed=fmt.rates(speed, self._batch),
             eta=eta,
             values=fmt.values(shown),
+            named=shown,
         )
+
+
+class _LiveBar(Progress):
+    """rich's Progress with its one task laid out for the console's width at each render.
+
+    One line: the label, the bar, the counter and what else fits
+    (:func:`_progress_format.bar_layout`); then the values, wrapped at whole items.
+    """
+
+    def get_renderables(self) -> Any:
+        if not self.tasks:
+            return
+        task = self.tasks[0]
+        width = self.console.width
+        total = None if task.total is None else int(task.total)
+        done = int(task.completed)
+        # The counter keeps its width through the epoch, so the bar does not jump.
+        counter = f"{done}/?" if total is None else f"{done:>{len(str(total))}}/{total}"
+        label = task.description
+        bar, pieces = fmt.bar_layout(width, label, counter, task.fields["speed"],
+                                     task.fields["eta"])  # fmt: skip
+        grid = Table.grid(padding=(0, 1))
+        cells: list[RenderableType] = [
+            Text(label, style="bold"),
+            ProgressBar(total=total, completed=done, width=bar),
+            Text(counter),
+        ]
+        if pieces:
+            cells.append(Text(" ".join(pieces)))
+        for _ in cells:
+            grid.add_column(no_wrap=True)
+        grid.add_row(*cells)
+        yield grid
+        for line in fmt.value_lines(task.fields.get("named") or {}, width):
+            yield Text(line)

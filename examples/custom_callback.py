@@ -30,7 +30,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-import optax.tree_utils as otu
 from sklearn.datasets import load_digits
 
 from jaxfit import Callback, Trainer
@@ -39,7 +38,7 @@ from jaxfit.callbacks import RichProgress
 
 @jax.jit
 def _global_norm(params: Any) -> jax.Array:
-    return otu.tree_l2_norm(params)
+    return optax.tree.norm(params)  # the L2 norm over every leaf
 
 
 class WeightNorm(Callback):
@@ -47,6 +46,8 @@ class WeightNorm(Callback):
 
     # Run before History (order 50) so the new key is recorded.
     order = -10
+    # Declared, so a monitoring callback may watch it (trainer.check_monitor accepts it).
+    log_keys = ("weight_norm",)
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         logs["weight_norm"] = float(_global_norm(trainer.params))  # one scalar, once an epoch

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import optax
 
-from hyperparam_trace import HyperparamTrace
+from _helpers.hyperparam_trace import HyperparamTrace
 from jaxfit import Callback, HyperparamError, Trainer
 from jaxfit.callbacks import LRScheduler, ReduceOnPlateau
 from jaxfit.datasets import load_digits_images
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="a slice of the data, few epochs")
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--out", default="lr_on_the_fly.png", help="the PNG to write")
+    p.add_argument("--out", default="runs/lr_on_the_fly/lr_on_the_fly.png", help="the PNG to write")
     args = p.parse_args(argv)
     data = load_digits_images()
     args.batch_size = 32

@@ -47,7 +47,8 @@ def main(argv=None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="a slice of the data, 2 epochs")
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--out", default="nnx_history.png", help="the PNG of the training curves")
+    p.add_argument("--out", default="runs/nnx_example/history.png",
+                   help="the PNG of the training curves")
     args = p.parse_args(argv)
     data = load_digits_images()
     if args.smoke:

@@ -134,7 +134,8 @@ def main(argv=None) -> None:
     p.add_argument("--smoke", action="store_true", help="a slice of the data, 3 epochs")
     p.add_argument("--signal", choices=sorted(SIGNALS), default="int", help="Ctrl-C or SIGTERM")
     p.add_argument("--run-dir", default=None, help="a new or empty folder (default: a temp dir)")
-    p.add_argument("--out", default="resume_history.png", help="the PNG of the run's curves")
+    p.add_argument("--out", default=None,
+                   help="the PNG of the run's curves (default: history.png in the run directory)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -190,7 +191,7 @@ def main(argv=None) -> None:
     )
     print(f"resumed == uninterrupted: train state identical {same_state}, history identical "
           f"{same_history}")  # fmt: skip
-    print(f"wrote {plot_command(run_dir, args.out)}")
+    print(f"wrote {plot_command(run_dir, args.out)}")  # default: RUN/history.png
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import optax
 from rich.console import Console
 from rich.table import Table
 
-from hyperparam_trace import HyperparamTrace
+from _helpers.hyperparam_trace import HyperparamTrace
 from jaxfit import Trainer
 from jaxfit.callbacks import LRScheduler
 from jaxfit.datasets import load_image_dataset
@@ -174,7 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=TUTORIAL_LR, help="base learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--out", default="schedules.png", help="the PNG to write")
+    p.add_argument("--out", default="runs/schedules/schedules.png", help="the PNG to write")
     p.add_argument("--only", default=None, help="comma-separated schedule names")
     args = p.parse_args(argv)
     if args.smoke:

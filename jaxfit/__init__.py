@@ -2,14 +2,20 @@
 
 ``Trainer.fit`` runs jitted, donated train steps and dispatches to callback plugins
 (``jaxfit.callbacks``); ``Trainer.load(run).fit()`` resumes a run exactly where it stopped.
+
+The names that need JAX (``Trainer``, ``TrainState``, ``HyperParams``) are imported on first
+use (a module ``__getattr__``): ``import jaxfit``, the errors, ``Callback`` and ``History``
+cost no JAX import, so ``python -m jaxfit --help`` and ``info`` answer at once.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import os
 import sys
+from typing import TYPE_CHECKING, Any
 
 from jaxfit._allocator import tune_allocator as _tune_allocator
 from jaxfit._version import __version__ as __version__
@@ -24,12 +30,45 @@ from jaxfit.errors import MonitorError as MonitorError
 from jaxfit.errors import Preempted as Preempted
 from jaxfit.errors import ShapeError as ShapeError
 from jaxfit.history import History as History
-from jaxfit.hyperparams import HyperParams as HyperParams
-from jaxfit.metrics import Average as Average
-from jaxfit.step import Step as Step
-from jaxfit.step import StepContext as StepContext
-from jaxfit.step import TrainState as TrainState
-from jaxfit.trainer import Trainer as Trainer
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers; at run time see __getattr__
+    from jaxfit.hyperparams import HyperParams as HyperParams
+    from jaxfit.metrics import Average as Average
+    from jaxfit.step import Step as Step
+    from jaxfit.step import StepContext as StepContext
+    from jaxfit.step import TrainState as TrainState
+    from jaxfit.trainer import Trainer as Trainer
+
+# Public name -> the module that defines it, imported when the name is first looked up.
+_LAZY = {
+    "Average": "jaxfit.metrics",
+    "HyperParams": "jaxfit.hyperparams",
+    "Step": "jaxfit.step",
+    "StepContext": "jaxfit.step",
+    "TrainState": "jaxfit.step",
+    "Trainer": "jaxfit.trainer",
+}
+
+__all__ = [
+    "Average", "Callback", "CallbackError", "CallbackList", "ConfigError", "DataError", "History",
+    "HyperParams", "HyperparamError", "JaxfitError", "MonitorError", "Preempted",
+    "ShapeError", "Step", "StepContext", "TrainState", "Trainer", "__version__",
+]  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # the next lookup is a plain attribute
+        return value
+    # `import jaxfit; jaxfit.trainer` worked while the engine was imported eagerly.
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 class _CheckoutCallbacksFinder(importlib.abc.MetaPathFinder):
@@ -48,7 +87,9 @@ class _CheckoutCallbacksFinder(importlib.abc.MetaPathFinder):
         if fullname != "jaxfit.callbacks":
             return None
         return importlib.util.spec_from_file_location(
-            fullname, os.path.join(self.folder, "__init__.py"), submodule_search_locations=[self.folder]
+            fullname,
+            os.path.join(self.folder, "__init__.py"),
+            submodule_search_locations=[self.folder],
         )
 
 

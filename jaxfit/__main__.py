@@ -50,20 +50,80 @@ def _annotated_type(param: inspect.Parameter) -> Callable[[str], object]:
 def _format_size(nbytes: int | None) -> str:
     if nbytes is None:
         return "-"
+    size = float(nbytes)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     return ""  # unreachable
 
 
-def _format_metrics(metrics: dict, monitor: str | None) -> str:
-    parts = []
+def _metric_items(metrics: dict, monitor: str | None, short: bool) -> list[tuple[str, bool]]:
+    """``("key=value", is_monitor)`` per metric, the monitored one first."""
+    items = []
     for key in sorted(metrics, key=lambda k: (k != monitor, k)):
         value = metrics[key]
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        parts.append(f"[bold]{key}={text}[/bold]" if key == monitor else f"{key}={text}")
-    return " ".join(parts) or "-"
+        items.append((f"{_abbreviate(key) if short else key}={text}", key == monitor))
+    return items
+
+
+def _abbreviate(key: str) -> str:
+    # The same abbreviations as RichProgress (callbacks/_progress_format.abbreviate), kept
+    # here so that `info` imports neither the plugins nor JAX.
+    short = "v_" + key[4:] if key.startswith("val_") else key
+    for long, abbr in (("learning_rate", "lr"), ("accuracy", "acc"), ("top_", "top")):
+        short = short.replace(long, abbr)
+    return short
+
+
+def _format_metrics(items: list[tuple[str, bool]], width: int) -> str:
+    """The items as rich markup, one line per as many whole items as fit in ``width``."""
+    lines: list[list[str]] = []
+    used = 0
+    for text, bold in items:
+        shown = f"[bold]{text}[/bold]" if bold else text
+        if lines and used + 1 + len(text) <= width:
+            lines[-1].append(shown)
+            used += 1 + len(text)
+        else:
+            lines.append([shown])
+            used = len(text)
+    return "\n".join(" ".join(line) for line in lines) or "-"
+
+
+# (name, justify, droppable) of the info table, in display order. When the terminal is too
+# narrow for a readable metrics column, droppable columns go first (size, then step, which
+# the checkpoint's name also holds), then metric names are abbreviated.
+_INFO_COLUMNS = [("checkpoint", "left"), ("step", "right"), ("epoch", "right"),
+                 ("metrics", "left"), ("size", "right"), ("valid", "left"),
+                 ("latest", "center"), ("best", "center")]  # fmt: skip
+_DROP_ORDER = ("size", "step")
+_MIN_METRICS = 28  # room for two or three "key=value" items per line
+
+
+def _info_layout(width: int, cells: list[dict[str, str]], metric_items: list[list[tuple[str, bool]]]
+                 ) -> tuple[list[str], bool, int]:
+    """(columns shown, abbreviate metric names, metrics column width) for ``width``."""
+    def need(name: str) -> int:
+        longest = max((len(c[name]) for c in cells), default=0)
+        if name == "valid":  # "no: <problem>" wraps; "valid" and "yes" must not
+            longest = min(longest, 12)
+        return max(len(name), longest)
+
+    columns = [name for name, _ in _INFO_COLUMNS]
+    plans = [(columns, False)]
+    for dropped in range(1, len(_DROP_ORDER) + 1):
+        plans.append(([c for c in columns if c not in _DROP_ORDER[:dropped]], False))
+    plans.append((plans[-1][0], True))
+    for shown, short in plans:
+        fixed = sum(need(c) + 3 for c in shown if c != "metrics") + 4  # borders and padding
+        room = width - fixed
+        widest = max((len(_abbreviate(t) if short else t) for items in metric_items
+                      for t, _ in items), default=1)  # fmt: skip
+        if room >= min(_MIN_METRICS, widest):
+            return shown, short, room
+    return plans[-1][0], True, max(room, 10)
 
 
 @command
@@ -81,7 +141,8 @@ def info(run: str, verify: bool = True) -> int:
     run_dir = path.parent if _manifest.is_checkpoint_dir(path) else path
     infos = _manifest.scan(run_dir)
     valid = {i.name for i in infos if (i.verify() if verify else i.manifest is not None)}
-    monitors = [i.manifest.get("monitor") for i in infos if i.manifest and i.manifest.get("monitor")]
+    monitors = [i.manifest.get("monitor") for i in infos
+                if i.manifest and i.manifest.get("monitor")]  # fmt: skip
     monitor = monitors[-1] if monitors else None
     mode = next((i.manifest.get("mode") for i in reversed(infos)
                  if i.manifest and i.manifest.get("monitor") == monitor), None)
@@ -93,12 +154,7 @@ def info(run: str, verify: bool = True) -> int:
 
     title = f"{run_dir}  ({len(infos)} checkpoints"
     title += f", best by {monitor} ({mode}))" if monitor else ")"
-    table = Table(title=title, title_justify="left")
-    for name, justify in [("checkpoint", "left"), ("step", "right"), ("epoch", "right"),
-                          ("metrics", "left"), ("size", "right"), ("valid", "left"),
-                          ("latest", "center"), ("best", "center")]:
-        table.add_column(name, justify=justify, no_wrap=name not in ("metrics", "valid"),
-                         overflow="fold")
+    rows: list[dict[str, str]] = []
     for i in infos:
         size = None
         if i.manifest:
@@ -111,15 +167,28 @@ def info(run: str, verify: bool = True) -> int:
         status = "[green]yes[/green]" if i.name in valid else f"[red]no[/red]: {problem}"
         latest = "●" if newest is not None and i.name == newest.name else (
             "○" if i.name == pointer else "")
-        table.add_row(i.name, "-" if i.step is None else str(i.step), epoch,
-                      _format_metrics(i.metrics, monitor), _format_size(size), status, latest,
-                      "★" if i.name in best else "")
+        rows.append({"checkpoint": i.name, "step": "-" if i.step is None else str(i.step),
+                     "epoch": epoch, "size": _format_size(size), "valid": status,
+                     "latest": latest, "best": "★" if i.name in best else ""})  # fmt: skip
     console = Console()
+    plain = [dict(r, valid=r["valid"].replace("[green]", "").replace("[/green]", "")
+                  .replace("[red]", "").replace("[/red]", "")) for r in rows]  # fmt: skip
+    full = [_metric_items(i.metrics, monitor, False) for i in infos]
+    shown, short, room = _info_layout(console.width, plain, full)
+    table = Table(title=title, title_justify="left")
+    justify = dict(_INFO_COLUMNS)
+    for name in shown:
+        table.add_column(name, justify=justify[name],  # type: ignore[arg-type]
+                         no_wrap=name not in ("metrics", "valid"), overflow="fold")
+    for i, row in zip(infos, rows):
+        row["metrics"] = _format_metrics(_metric_items(i.metrics, monitor, short), room)
+        table.add_row(*(row[name] for name in shown))
     console.print(table)
     if newest is None:
         console.print("[red]no valid checkpoint: this run cannot be resumed[/red]")
     else:
-        console.print(f"resume with: python -m jaxfit resume {run_dir}")
+        # One soft-wrapped line: the command stays whole when copied from the terminal.
+        console.print(f"resume with: python -m jaxfit resume {run_dir}", soft_wrap=True)
     return 0 if newest is not None else 1
 
 

@@ -172,7 +172,7 @@ def plot_history(
     logs = _as_dict(history)
     panels = []
     for key in _ordered_keys(logs):
-        series = {}
+        series: dict[str, tuple[Sequence[float], Sequence[float | None]]] = {}
         if key in logs:
             series["train" if f"val_{key}" in logs else key] = _xy(logs[key])
         if f"val_{key}" in logs:
@@ -212,7 +212,7 @@ def plot_command(
     """
     from jaxfit.checkpoint import read_checkpoint
 
-    ckpt_dir, manifest, state = read_checkpoint(run)
+    ckpt_dir, manifest, state = read_checkpoint(Path(run))
     history = (state.get("history") or {}).get("history") or {}
     if not history:
         raise ValueError(
@@ -320,11 +320,29 @@ def _save_atomically(fig: Any, path: Path, dpi: int) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=dpi)
+            # mkstemp creates the file 0600; a picture is an ordinary user file, so give it
+            # the mode open() would (0666 less the umask).
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    """The process umask. Linux shows it in /proc; elsewhere it is read by setting it (and
+    putting it straight back), the only portable way."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _matplotlib() -> tuple[Any, Any]:

@@ -45,6 +45,23 @@ TABLE = {
     ),
     "same values without a baseline": (dict(patience=2), [3, 2, 1, 1], None),
     "baseline beaten": (dict(patience=2, baseline=2.5), [3, 2, 1.9, 1.9, 1.9], 5),
+    # Keras 3 takes the first monitored value as the first best, +inf or -inf included:
+    # the first epoch is an improvement and does not count towards patience.
+    "a first +inf is the first best, min": (dict(patience=2), [math.inf] * 5, 3),
+    "a first -inf is the first best, max": (dict(patience=2, mode="max"), [-math.inf] * 5, 3),
+    "a first +inf then finite values, min": (dict(patience=2), [math.inf, 5, 5, 5], 4),
+    "a first -inf in min mode is never beaten": (dict(patience=2), [-math.inf, 1, 0], 3),
+    "a first +inf, patience 1": (dict(patience=1), [math.inf, math.inf], 2),
+    "a first +inf, start_from_epoch": (
+        dict(patience=2, start_from_epoch=1),
+        [1, math.inf, math.inf, math.inf],
+        4,
+    ),
+    "a first +inf does not beat a baseline": (
+        dict(patience=2, baseline=1.0),
+        [math.inf, 2, 2],
+        3,
+    ),
 }
 
 
@@ -146,6 +163,7 @@ def test_state_dict_is_plain_data():
     fresh.load_state_dict(stop.state_dict())
     assert fresh.state_dict() == {
         "best": 2.0,
+        "has_best": True,
         "wait": 1,
         "best_epoch": 2,
         "stopped_epoch": 0,
@@ -153,11 +171,33 @@ def test_state_dict_is_plain_data():
     }
 
 
+def test_a_first_inf_best_survives_a_resume():
+    # best == +inf is also the start value: only has_best tells a resumed callback that the
+    # first epoch was already taken as the best (and so does not count it again).
+    stop = EarlyStopping(monitor="loss", patience=2)
+    run_table(stop, [math.inf])
+    fresh = EarlyStopping(monitor="loss", patience=2)
+    fresh.load_state_dict(stop.state_dict())
+    assert (fresh.best, fresh.has_best, fresh.wait) == (math.inf, True, 0)
+    trainer = SimpleNamespace(epoch=2, step=0, stop_training=False, stop_reason=None)
+    fresh.on_epoch_end(trainer, {"loss": math.inf})
+    assert fresh.wait == 1 and not trainer.stop_training
+
+
+def test_a_checkpoint_without_has_best_infers_it_from_best():
+    fresh = EarlyStopping(monitor="loss", patience=2)
+    old = {"best": 2.0, "wait": 1, "best_epoch": 2, "stopped_epoch": 0, "best_weights": None}
+    fresh.load_state_dict(old)
+    assert fresh.has_best
+    fresh.load_state_dict(dict(old, best=math.inf))
+    assert not fresh.has_best
+
+
 def test_a_new_run_resets_the_state():
     stop = EarlyStopping(monitor="loss", patience=0)
     run_table(stop, [3, 2, 2])
     stop.on_fit_start(SimpleNamespace(step=0, check_monitor=lambda name, owner: None))
-    assert (stop.best, stop.wait, stop.stopped_epoch) == (math.inf, 0, 0)
+    assert (stop.best, stop.has_best, stop.wait, stop.stopped_epoch) == (math.inf, False, 0, 0)
 
 
 def test_unknown_monitor_fails_at_fit_start():

@@ -45,6 +45,16 @@ TABLE = {
     "negative values, min": (dict(patience=1), [-1, -2, -2, -3], [0, 0, 1, 1]),
     "negative values, max": (dict(patience=1, mode="max"), [-5, -4, -4, -4], [0, 0, 1, 2]),
     "NaN is no improvement": (dict(patience=1), [1, math.nan, 0.5], [0, 1, 1]),
+    # Keras's ReduceLROnPlateau starts from best = +inf / -inf (unlike its EarlyStopping):
+    # a first value equal to it is no improvement and counts towards patience.
+    "a first +inf counts towards patience, min": (
+        dict(patience=2), [math.inf, math.inf, math.inf, math.inf], [0, 1, 1, 2]),
+    "a first -inf counts towards patience, max": (
+        dict(patience=2, mode="max"), [-math.inf, -math.inf, -math.inf], [0, 1, 1]),
+    "a first +inf, then an improvement resets wait": (
+        dict(patience=2), [math.inf, 5, 5, 5], [0, 0, 0, 1]),
+    "a first -inf in min mode is never beaten": (
+        dict(patience=1), [-math.inf, 1, 0], [0, 1, 2]),
 }
 
 

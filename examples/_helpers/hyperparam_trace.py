@@ -1,6 +1,7 @@
 """HyperparamTrace: a callback that records the hyperparameter values the optimizer applied.
 
-Used by ``schedules.py`` and ``lr_on_the_fly.py`` to plot learning rates as they were used,
+Used by ``examples/schedules.py`` and ``examples/lr_on_the_fly.py`` to plot learning rates as
+they were used,
 read back from the trainer rather than recomputed from a schedule.
 """
 
