@@ -21,11 +21,12 @@ class LRScheduler(Callback):
     """Sets an injected hyperparameter from a schedule, on the device, at every step.
 
     The schedule is handed to the jitted train step
-    (``trainer.hyperparams.attach_schedule``), which computes ``schedule(k) * scale`` for
-    step ``k`` (0 for the first step of the run) before the update: no host work and no
-    sync per step, no recompilation, exact with ``steps_per_execution`` and on resume
-    (``k`` is the run's step count, which is checkpointed). Training with
-    ``LRScheduler(s)`` matches passing ``s`` to ``optax.inject_hyperparams`` directly.
+    (``trainer.hyperparams.attach_schedule``), which computes ``schedule(k) * scale``
+    before update ``k`` (0 for the first): no host work and no sync per step, no
+    recompilation, exact with ``steps_per_execution`` and on resume. ``k`` is the
+    optimizer's own update count, which is checkpointed with its state: inside
+    ``optax.MultiSteps`` it advances once per real update, not per micro-batch, so training
+    with ``LRScheduler(s)`` matches passing ``s`` to ``optax.inject_hyperparams`` directly.
 
     At each epoch end the value the epoch's last step applied goes into the logs under the
     hyperparameter's name (``logs["learning_rate"]``; declared in ``log_keys``), so the
@@ -94,7 +95,9 @@ class LRScheduler(Callback):
         hp.check_writable(self.hyperparam, owner=self)
         fn = self.schedule if self.by == "step" else self._epoch_schedule(trainer)
         _check_traceable(fn, self.schedule)
-        hp.attach_schedule(self.hyperparam, fn, owner=self)
+        # by="epoch" counts batches (epochs are made of them); by="step" follows the
+        # optimizer's own update count, as inject_hyperparams(opt)(lr=schedule) does.
+        hp.attach_schedule(self.hyperparam, fn, owner=self, count="steps" if self.by == "epoch" else "updates")
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         # The value the epoch's last step applied (schedule times any plateau factor): one

@@ -85,7 +85,7 @@ class ModelCheckpoint(Callback):
         >>> x, y = np.random.rand(64, 4).astype("float32"), np.arange(64) % 3
         >>> run = tempfile.mkdtemp()
         >>> trainer = Trainer(optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
-        >>> _ = trainer.fit(nn.Dense(3), (x, y), epochs=2, batch_size=16,
+        >>> _ = trainer.fit(nn.Dense(3), (x, y), epochs=2, batch_size=16, verbose=0,
         ...                 callbacks=[ModelCheckpoint(run, keep_last=1)])
         >>> resumed = Trainer.load(run)
         >>> resumed.epoch

@@ -173,7 +173,7 @@ class Engine:
         def one(es: EngineState, batch: Any, mask: Any) -> tuple[EngineState, Any]:
             # The key of step k depends on (seed, k) alone: nothing to carry or save.
             ctx = StepContext(key=jax.random.fold_in(base, es.step), step=es.step, mask=mask, train=True)
-            state = apply_schedules(es.state, slots, schedules, es.hp_scales)
+            state = apply_schedules(es.state, slots, schedules, es.hp_scales, es.step)
             state, logs = step.train_step(state, batch, ctx)
             logs = self._as_states(logs, ctx)
             metrics = merge(es.metrics, jax.lax.stop_gradient(logs))
@@ -214,20 +214,20 @@ class Engine:
 
 
 def apply_schedules(state: Any, slots: dict[str, HyperparamSlot], schedules: dict[str, Callable],
-                    scales: dict) -> Any:
+                    scales: dict, step: Any) -> Any:
     """``state`` with each scheduled hyperparameter set to ``schedule(count) * scale``.
 
     ``count`` is the optimizer's own update count (the ``count`` of its
     ``inject_hyperparams`` state), exactly what ``inject_hyperparams(opt)(name=schedule)``
     would use: inside ``optax.MultiSteps`` it advances once per real update, not per
-    micro-batch.
+    micro-batch. A schedule attached with ``count="steps"`` gets the train-step count.
     """
     if not schedules:
         return state
     values = {}
     for name, fn in schedules.items():
         node = node_at(state, slots[name].node_path)
-        values[name] = fn(node.count) * scales[name]
+        values[name] = fn(step if getattr(fn, "steps", False) else node.count) * scales[name]
     return with_values(state, slots, values)
 
 

@@ -190,14 +190,16 @@ class HyperParams(MutableMapping):
             return f"HyperParams(names={self.names})"
 
     # -- schedules inside the step -----------------------------------------------
-    def attach_schedule(self, name: str, fn: Callable[[Any], Any], owner: Any = None) -> None:
+    def attach_schedule(self, name: str, fn: Callable[[Any], Any], owner: Any = None,
+                        count: str = "updates") -> None:
         """Compute ``name`` as ``fn(step) * scale(name)`` inside the jitted step.
 
         ``fn`` receives the optimizer's own update count before this update (the ``count``
         of its ``inject_hyperparams`` state: 0 for the first update, and inside
         ``optax.MultiSteps`` one per real update, not per micro-batch), as
         ``inject_hyperparams(opt)(name=fn)`` would, as a traced int32 array; it must be
-        jax-traceable (every optax schedule is).
+        jax-traceable (every optax schedule is). ``count="steps"`` hands it the run's
+        train-step count instead (``trainer.step``: batches, micro-batches included).
         Call from ``on_fit_start``: attaching after compilation recompiles the step.
         """
         self.check_writable(name, owner)
@@ -207,6 +209,9 @@ class HyperParams(MutableMapping):
                 f"{type(owner).__name__} and {type(current[1]).__name__} both schedule {name!r}; "
                 "only one schedule per hyperparameter can drive the step"
             )
+        if count not in ("updates", "steps"):
+            raise HyperparamError(f'count must be "updates" or "steps", got {count!r}')
+        fn = _StepClocked(fn) if count == "steps" else fn
         self._trainer._schedules[name] = (fn, owner)
 
     def detach_schedule(self, name: str) -> None:
@@ -214,7 +219,7 @@ class HyperParams(MutableMapping):
 
     def schedule_of(self, name: str) -> Callable | None:
         entry = self._trainer._schedules.get(name)
-        return entry[0] if entry else None
+        return getattr(entry[0], "fn", entry[0]) if entry else None
 
     def scale(self, name: str) -> float:
         """The multiplier applied to the schedule attached to ``name`` (1.0 by default)."""
@@ -226,6 +231,18 @@ class HyperParams(MutableMapping):
         self.check_writable(name)
         scales = self._trainer.engine_state.hp_scales
         scales[name] = _like(scales[name], value, f"scale of {name}")
+
+
+class _StepClocked:
+    """A schedule that counts train steps, not optimizer updates (the engine checks for it)."""
+
+    steps = True
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, count: Any) -> Any:
+        return self.fn(count)
 
 
 def _like(old: jax.Array, value: Any, what: str) -> jax.Array:

@@ -11,6 +11,7 @@ import contextlib
 import math
 import signal
 import threading
+import warnings
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -57,6 +58,13 @@ def fit(trainer: Trainer, train: Any, val: Any) -> History:
     """Run the fit whose sources and configuration the trainer has prepared."""
     trainer.stop_training, trainer.stop_reason, trainer._signal = False, None, None
     epochs = trainer.fit_config["epochs"]
+    if 0 < epochs <= trainer._epochs_completed and trainer.batch_in_epoch == 0:
+        warnings.warn(
+            f"fit: nothing to train: the run has completed {trainer._epochs_completed} epochs and "
+            f"epochs={epochs} is the total to reach, not a number of new epochs. To train "
+            f"n more, pass epochs={trainer._epochs_completed} + n (e.g. fit(epochs="
+            f"{trainer._epochs_completed + epochs})); to start over, fit a new model object.",
+            UserWarning, stacklevel=3)
     error: BaseException | None = None
     with _signals(trainer):
         try:

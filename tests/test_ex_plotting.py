@@ -135,7 +135,7 @@ def checkpointed_run(tmp_path, data, **checkpoint_args):
 
     trainer = Trainer(optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
                       metrics=["accuracy"], seed=0)  # fmt: skip
-    trainer.fit(MLP(), data, validation_data=data, epochs=2, batch_size=16,
+    trainer.fit(MLP(), data, validation_data=data, epochs=2, batch_size=16, verbose=0,
                 callbacks=[ModelCheckpoint(tmp_path / "run", **checkpoint_args)])  # fmt: skip
     return tmp_path / "run"
 
