@@ -375,6 +375,8 @@ class Trainer:
         Returns:
             The run's ``History``: ``history.history[key]`` holds one float per epoch.
         """
+        if model is None and self._model is None and self.custom_step is not None:
+            model = self.custom_step  # a custom step may hold its modules itself
         if model is not None and model is not self._model:
             self._set_model(model)
             self._fit_args, self._user_callbacks = {}, []
