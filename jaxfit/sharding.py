@@ -37,8 +37,17 @@ from ._shards import ShardRecord, assemble, assemble_tree, local_shards, pack_sh
 from .errors import ConfigError, ShapeError
 
 __all__ = [
-    "ShardingPlan", "ShardRecord", "assemble", "assemble_tree", "local_shards", "pack_shards",
-    "path_str", "per_device_bytes", "reshard", "unbox", "unpack_shards",
+    "ShardRecord",
+    "ShardingPlan",
+    "assemble",
+    "assemble_tree",
+    "local_shards",
+    "pack_shards",
+    "path_str",
+    "per_device_bytes",
+    "reshard",
+    "unbox",
+    "unpack_shards",
 ]
 
 Rules = Sequence[tuple[str, "str | tuple[str, ...] | None"]]
@@ -169,6 +178,7 @@ class ShardingPlan:
         object.__setattr__(self, "mesh", _auto(self.mesh))
         object.__setattr__(self, "rules", tuple(tuple(r) for r in self.rules))
         object.__setattr__(self, "data_axes", tuple(self.data_axes))
+        object.__setattr__(self, "param_rules", tuple((p, PartitionSpec(*s)) for p, s in self.param_rules))
         for axis in self.data_axes:
             if axis not in self.mesh.shape:
                 raise ConfigError(f"data axis {axis!r} is not an axis of the mesh "
@@ -275,7 +285,9 @@ class ShardingPlan:
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
-        """The mesh and logical rules as flax's context (nnx eager sharding needs both)."""
+        """The mesh and the logical rules as flax's context: build an nnx module eagerly
+        under it (nnx shards a Variable with ``out_sharding`` metadata when it is created
+        and needs both). ``init`` does not need it."""
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(list(self.rules)):
             yield
 
@@ -288,7 +300,10 @@ class ShardingPlan:
 
         Returns (the unboxed result as sharded arrays, its NamedSharding tree).
         """
-        with self.context():
+        # No mesh context and no nnx eager sharding: flax would otherwise add sharding
+        # constraints while tracing, and a bad spec would fail there with a jax error instead
+        # of the ConfigError below. out_shardings alone places every shard on its device.
+        with nnx.use_eager_sharding(False):
             abstract = jax.eval_shape(init_fn, *args)
             shardings = self.shardings(abstract, params_of(abstract))
             state = jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args)
@@ -299,6 +314,11 @@ class ShardingPlan:
     def data_size(self) -> int:
         """How many ways the batch is split (the product of the data axes' sizes)."""
         return math.prod(self.mesh.shape[a] for a in self.data_axes)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        """A whole copy on every device: for losses, metrics, RNG keys, scalars."""
+        return NamedSharding(self.mesh, PartitionSpec())
 
     def batch_sharding(self, stacked: bool = False) -> NamedSharding:
         """Leading dim over the data axes; ``stacked`` batches are (k, B, ...): dim 1."""

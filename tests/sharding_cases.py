@@ -12,11 +12,21 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from sharding_models import Block, NnxBlock, adam, data, state_fns
 
 from jaxfit.errors import ConfigError, ShapeError
-from jaxfit.sharding import (ShardingPlan, assemble, assemble_tree, local_shards, pack_shards, path_str,
-                             per_device_bytes, reshard, unbox, unpack_shards)
-from sharding_models import Block, NnxBlock, adam, data, state_fns
+from jaxfit.sharding import (
+    ShardingPlan,
+    assemble,
+    assemble_tree,
+    local_shards,
+    pack_shards,
+    path_str,
+    per_device_bytes,
+    reshard,
+    unbox,
+    unpack_shards,
+)
 
 if jax.device_count() != 8:
     raise RuntimeError("run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (see test_sharding.py)")
@@ -99,8 +109,7 @@ def test_sharded_train_step_matches_one_device(mesh, mode, rules, data_axes):
     plan = ShardingPlan(mesh, rules=rules, data_axes=data_axes)
     state, sh = plan.init(init, jax.random.key(0), X[:2])
     batch = plan.batch_sharding()
-    replicated = NamedSharding(plan.mesh, P())
-    sharded_step = jax.jit(step, in_shardings=(sh, batch, batch), out_shardings=(sh, replicated),
+    sharded_step = jax.jit(step, in_shardings=(sh, batch, batch), out_shardings=(sh, plan.replicated),
                            donate_argnums=0)
     ref = jax.jit(lambda k, x: unbox(init(k, x)))(jax.random.key(0), X[:2])
     ref_step = jax.jit(step)
@@ -123,7 +132,7 @@ def test_per_device_bytes_of_a_sharded_param_and_its_adam_state_are_one_eighth()
     replicated = ShardingPlan(FSDP)
     s_state, _ = sharded.init(init, jax.random.key(0), X[:2])
     r_state, _ = replicated.init(init, jax.random.key(0), X[:2])
-    pick = lambda s: [s["params"]["up"]["kernel"], s["opt"].inner_state[0].mu["up"]["kernel"],  # noqa: E731
+    pick = lambda s: [s["params"]["up"]["kernel"], s["opt"].inner_state[0].mu["up"]["kernel"],
                       s["opt"].inner_state[0].nu["up"]["kernel"], s["ema"]["up"]["kernel"]]
     s_bytes, r_bytes = per_device_bytes(pick(s_state)), per_device_bytes(pick(r_state))
     assert len(s_bytes) == 8 and set(r_bytes.values()) == {4 * 8 * 16 * 4}
@@ -145,7 +154,7 @@ def test_place_batch_gives_each_device_only_its_rows():
 
 
 def test_reshard_8_to_4_to_1_devices_round_trips_exactly():
-    init, step = state_fns(Block("physical"), adam())
+    init, _ = state_fns(Block("physical"), adam())
     state, _ = ShardingPlan(TP).init(init, jax.random.key(0), X[:2])
     host = jax.tree_util.tree_map(lambda a: np.array(a, copy=True), state)
     abstract = jax.eval_shape(init, jax.random.key(0), X[:2])
@@ -191,7 +200,7 @@ def test_nnx_out_sharding_metadata_physical_and_logical():
     plan = ShardingPlan(TP, rules=LOGICAL_TP)
 
     def init():
-        _, params, rest = nnx.split(NnxBlock(nnx.Rngs(0)), nnx.Param, ...)
+        _, params, _ = nnx.split(NnxBlock(nnx.Rngs(0)), nnx.Param, ...)
         return {"params": params, "opt": adam().init(unbox(params))}
 
     state, shardings = plan.init(init)
@@ -203,6 +212,11 @@ def test_nnx_out_sharding_metadata_physical_and_logical():
     assert not any(isinstance(x, nnx.Variable) for x in jax.tree_util.tree_leaves(
         state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
     assert state["params"]["up"]["kernel"].sharding.spec == P(None, "model")
+    # flax's own eager nnx sharding, under the plan's context, agrees with the plan.
+    with plan.context():
+        eager = nnx.split(NnxBlock(nnx.Rngs(0)), nnx.Param, ...)[1]
+    eager_specs = flat_specs(jax.tree_util.tree_map(lambda a: a.sharding, unbox(eager)))
+    assert eager_specs == {k[len("params/"):]: v for k, v in specs.items() if k.startswith("params/")}
 
 
 def _abstract(shape):
@@ -211,8 +225,9 @@ def _abstract(shape):
 
 @pytest.mark.parametrize("plan_kw, params, message", [
     ({}, {"w": nn.Partitioned(_abstract((8, 6)), (None, "model"))},
-     r"param 'w' of shape \(8, 6\) has PartitionSpec \(None, 'model'\) on mesh \{'data': 2, 'model': 4\}: "
-     r"dim 1 \(6\) does not split evenly over mesh axes \('model',\) \(4 devices\); pad it to a multiple of 4"),
+     (r"param 'w' of shape \(8, 6\) has PartitionSpec \(None, 'model'\) on mesh "
+      r"\{'data': 2, 'model': 4\}: dim 1 \(6\) does not split evenly over mesh axes "
+      r"\('model',\) \(4 devices\); pad it to a multiple of 4")),
     ({}, {"w": nn.Partitioned(_abstract((8, 8)), ("tensor", None))},
      r"param 'w' .*: 'tensor' is not an axis of the mesh; use one of \('data', 'model'\) or None"),
     ({}, {"w": nn.LogicallyPartitioned(_abstract((8, 8)), ("embed", "mlp"))},
@@ -227,7 +242,15 @@ def test_specs_that_do_not_fit_raise_config_errors_naming_the_param(plan_kw, par
         ShardingPlan(TP, **plan_kw).shardings(params)
 
 
+def test_init_rejects_a_bad_annotation_before_any_work():
+    bad = nn.Dense(4, kernel_init=nn.with_partitioning(nn.initializers.ones, ("tensor", None)))
+    with pytest.raises(ConfigError, match=r"param 'kernel' of shape \(8, 4\).*'tensor' is not an axis"):
+        ShardingPlan(TP).init(lambda k, x: {"params": bad.init(k, x)["params"]}, jax.random.key(0), X[:2])
+
+
 def test_plan_arguments_are_checked_up_front():
+    assert hash(ShardingPlan(TP, param_rules=[("k", P("model"))])) == hash(
+        ShardingPlan(TP, param_rules=[("k", P("model"))]))
     with pytest.raises(ConfigError, match=r"data axis 'batch' is not an axis of the mesh"):
         ShardingPlan(TP, data_axes=("batch",))
     with pytest.raises(ConfigError, match=r"rule \('mlp', 'tensor'\) maps to 'tensor'"):
