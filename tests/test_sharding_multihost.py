@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from test_multihost import _free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,12 +62,6 @@ WORKER = textwrap.dedent("""
         print(json.dumps({"losses": losses, "max_diff": diff,
                           "paths": sorted({r.path for r in records})[:3], "records": len(records)}))
 """)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.multiprocess
