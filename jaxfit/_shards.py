@@ -125,7 +125,7 @@ def assemble(records: Sequence[ShardRecord], sharding: jax.sharding.Sharding) ->
     unique = list({r.index: r for r in records}.values())
     shape, dtype = first.global_shape, np.dtype(first.dtype)
 
-    def fill(idx: tuple[slice, ...]) -> np.ndarray:
+    def fill(idx: Any) -> np.ndarray:  # a tuple of slices, one per dim
         want = _index(idx, shape)
         out = np.empty([b - a for a, b in want], dtype)
         covered = 0

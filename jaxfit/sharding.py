@@ -60,8 +60,10 @@ def _is_box(x: Any) -> bool:
 def _value(x: Any) -> Any:
     if isinstance(x, nnx.Variable):
         return x.get_value()
-    # .value, not .unbox(): unbox() would add a sharding constraint that needs a mesh context.
-    return x.value if isinstance(x, meta.AxisMetadata) else x
+    if isinstance(x, meta.Partitioned):
+        # No constraint: one would need a mesh context (and fail on a bad spec inside jax).
+        return x.unbox(apply_constraint=False)
+    return x.unbox() if isinstance(x, meta.AxisMetadata) else x
 
 
 def unbox(tree: Any) -> Any:
@@ -204,13 +206,15 @@ class ShardingPlan:
             names = box.get_metadata().get("out_sharding")
             if names is None:
                 return None
-            local = tuple(box.get_metadata().get("sharding_rules") or ())
-            logical = {r[0] for r in local + self.rules}
+            local = tuple(box.get_metadata().get("sharding_rules") or ()) + tuple(self.rules)
+            logical = {r[0] for r in local}
             # nnx names are physical unless a rule maps them (flax's own from_sharding_rules).
             names = tuple(names)
             if not any(isinstance(n, str) and n in logical for n in names):
                 return PartitionSpec(*names)
-            return self._logical(where, names, local + self.rules, strict=False)
+            return self._logical(where, names, local, strict=False)
+        if not isinstance(box, meta.Partitioned):  # other flax metadata: no layout in it
+            return None
         if isinstance(box, nn.LogicallyPartitioned):
             rules = tuple(box.rules) if box.rules else self.rules
             return self._logical(where, tuple(box.names), rules, strict=True)
@@ -225,6 +229,7 @@ class ShardingPlan:
                               f"them (rules given: {list(rules)})")
         spec = nn.logical_to_mesh_axes(
             [n if (not isinstance(n, str) or n in known) else None for n in names], list(rules))
+        assert spec is not None  # only None for names=None
         if not strict:  # unmapped nnx names stay physical
             spec = PartitionSpec(*(n if n in missing else s for n, s in zip(names, spec)))
         return spec
