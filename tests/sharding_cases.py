@@ -126,6 +126,25 @@ def test_sharded_train_step_matches_one_device(mesh, mode, rules, data_axes):
     assert flat_specs(jax.tree_util.tree_map(lambda a: a.sharding, state)) == flat_specs(sh)
 
 
+def test_stacked_batches_for_steps_per_execution_match_one_device():
+    init, step = state_fns(Block("logical"), adam())
+    plan = ShardingPlan(FSDP, rules=LOGICAL_FSDP, data_axes=("data", "fsdp"))
+    state, sh = plan.init(init, jax.random.key(0), X[:2])
+
+    def k_steps(state, xs, ys):  # what steps_per_execution=k runs: a scan over (k, B, ...)
+        return jax.lax.scan(lambda s, b: step(s, *b), state, (xs, ys))
+
+    stacked = plan.batch_sharding(stacked=True)
+    run = jax.jit(k_steps, in_shardings=(sh, stacked, stacked), out_shardings=(sh, plan.replicated))
+    xs, ys = X[:24].reshape(3, 8, 8), Y[:24].reshape(3, 8)
+    state, losses = run(state, *plan.place_batch((xs, ys), stacked=True))
+    ref, ref_losses = jax.jit(k_steps)(jax.jit(lambda k, x: unbox(init(k, x)))(jax.random.key(0), X[:2]), xs, ys)
+    np.testing.assert_allclose(np.asarray(losses), np.asarray(ref_losses), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert state["params"]["up"]["kernel"].sharding.spec == P("fsdp", None)
+
+
 def test_per_device_bytes_of_a_sharded_param_and_its_adam_state_are_one_eighth():
     init, _ = state_fns(Block("plain"), adam())
     sharded = ShardingPlan(FSDP, param_rules=[(r"up/kernel$", P(("data", "fsdp"), None))])
