@@ -408,6 +408,13 @@ class Trainer:
         self.run_id = self.run_id or uuid.uuid4().hex
         self.callbacks = CallbackList([*loop.progress_callbacks(self._user_callbacks, args["verbose"]),
                                        self.history])
+        self.stop_training, self.stop_reason, self._signal = False, None, None
+        # From here on SIGTERM / Ctrl-C stop the fit cleanly, during set-up and
+        # initialisation too (they take effect before the first step).
+        with loop.signals(self):
+            return self._prepare_and_run(args, initial_params)
+
+    def _prepare_and_run(self, args: dict[str, Any], initial_params: Any) -> History:
         self.callbacks.call("setup", self)
 
         train = self._source(args["data"], "training data", batch_size=args.get("batch_size"),
