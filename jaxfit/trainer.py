@@ -536,7 +536,8 @@ class Trainer:
         machine's devices, so it is never part of a recipe).
         """
         trainer = cls(**{**recipe["trainer"], **overrides})
-        trainer._set_model(recipe["model"])
+        model = recipe["model"]
+        trainer._set_model(trainer.custom_step if model is None and trainer.custom_step is not None else model)
         trainer._user_callbacks = list(recipe.get("callbacks", []))
         trainer._fit_args = dict(recipe.get("fit", {}))
         trainer._batch_spec = recipe.get("batch_spec")
