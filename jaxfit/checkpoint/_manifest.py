@@ -30,6 +30,7 @@ from typing import Any
 
 from jaxfit.checkpoint._errors import CheckpointCorruptError
 from jaxfit.checkpoint._io import read_regular, sha256_regular
+from jaxfit.checkpoint._msgpack import DEFAULT_MAX_BYTES
 
 FORMAT = "jaxfit.checkpoint"
 FORMAT_VERSION = 1
@@ -165,7 +166,7 @@ def read_manifest(ckpt_dir: Path) -> dict:
     return manifest
 
 
-def verify_files(ckpt_dir: Path, manifest: dict, *, max_bytes: int | None = None) -> None:
+def verify_files(ckpt_dir: Path, manifest: dict, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
     """Checks every file listed in ``manifest`` exists with the recorded size and sha256.
 
     Sizes are checked (against the manifest and ``max_bytes``) before a byte is read, and
@@ -174,7 +175,7 @@ def verify_files(ckpt_dir: Path, manifest: dict, *, max_bytes: int | None = None
     Raises:
       CheckpointCorruptError: naming the first file that is missing or differs.
     """
-    limit = max_bytes if max_bytes is not None else 2**63
+    limit = max_bytes
     hint = (f"the limit of {limit} bytes (pass a larger max_bytes if the file is trusted to "
             "be this large)")
     for name, expected in manifest["files"].items():
@@ -228,11 +229,11 @@ class CheckpointInfo:
     def metrics(self) -> dict[str, Any]:
         return self.manifest["metrics"] if self.manifest else {}
 
-    def verify(self, max_bytes: int | None = None) -> bool:
+    def verify(self, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
         """Checks the checksums; records and returns whether the checkpoint is valid.
 
         Args:
-          max_bytes: a file larger than this counts as invalid, unread.
+          max_bytes: a file larger than this counts as invalid, unread (the limit of a load).
         """
         if self.manifest is None:
             return False
