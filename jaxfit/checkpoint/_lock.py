@@ -33,8 +33,9 @@ _MAX_INFO_BYTES = 4096
 
 # Locks this process holds, by (st_dev, st_ino) of the lock file: flock conflicts between two
 # open files of one process too, and this tells "another trainer of this process writes
-# there" from "this trainer's previous fit ended without on_fit_end".
-_HELD: dict[tuple[int, int], RunLock] = {}
+# there" from "this trainer's previous fit ended without on_fit_end". Weak: a lock whose
+# ModelCheckpoint is garbage collected is released.
+_HELD: weakref.WeakValueDictionary[tuple[int, int], RunLock] = weakref.WeakValueDictionary()
 
 
 def _forget_in_child() -> None:
@@ -174,10 +175,16 @@ class RunLock:
             self.release()
             return
         same_fit = trainer is not None and self._trainer() is trainer
+        if same_fit:
+            # This refusal ends the fit before any work, and a fit whose setup fails gets no
+            # on_fit_end: release the other ModelCheckpoint's lock here.
+            self.release()
         raise RunLockedError(
             f"{who}: {path.parent} is already written by "
             + ("another ModelCheckpoint of this fit" if same_fit
-               else f"another trainer of this process (pid {os.getpid()})")
+               else f"another trainer of this process (pid {os.getpid()}), whose fit is under "
+                    "way or failed before training started (then its next fit, or deleting "
+                    "it, releases the directory)")
             + "; a run directory has one writer at a time. Give each ModelCheckpoint its "
             "own directory."
         )
