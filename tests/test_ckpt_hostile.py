@@ -13,11 +13,11 @@ import shutil
 import signal
 
 import pytest
+from ckpt_helpers import run_fixtures
 from conftest import MLP, make_trainer
 
 from jaxfit import Trainer
 from jaxfit.__main__ import main
-from jaxfit.callbacks import ModelCheckpoint
 from jaxfit.checkpoint import (
     CheckpointCorruptError,
     CheckpointError,
@@ -42,28 +42,11 @@ def no_hang():
     signal.signal(signal.SIGALRM, previous)
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(70, 4)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0).astype(np.int32)
-    run = tmp_path_factory.mktemp("hostile") / "run"
-    make_trainer().fit(MLP(), (x, y), epochs=2, batch_size=16,
-                       callbacks=[ModelCheckpoint(run, background=False)])
-    return run, (x, y)
-
-
-@pytest.fixture
-def run(base_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(base_run[0], copy, symlinks=True)
-    return copy
+base_run, run = run_fixtures(epochs=2)
 
 
 def _newest(run):
-    return sorted(p for p in run.iterdir() if p.name.startswith("ckpt-"))[-1]
+    return max(p for p in run.iterdir() if p.name.startswith("ckpt-"))
 
 
 def _set_manifest_size(ckpt, name, size):

@@ -17,7 +17,7 @@ from jaxfit.callbacks import ModelCheckpoint
 from jaxfit.checkpoint import CheckpointError, UntrustedRecipeError, list_checkpoints
 from jaxfit.checkpoint import _io, _lock, _recipe, _writer
 from jaxfit.checkpoint._errors import RunLockedError
-from jaxfit.errors import ConfigError
+from jaxfit.errors import ConfigError, DataError
 
 ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -105,7 +105,7 @@ def test_a_fit_that_failed_before_training_leaves_no_lock_behind(tmp_path, data)
     trainer = make_trainer()
     # Targets of another length fail after setup, before on_fit_start (no on_fit_end runs):
     # the next fit of this trainer takes the lock over.
-    with pytest.raises(Exception):
+    with pytest.raises(DataError, match="same number of samples"):
         trainer.fit(MLP(), (x, y[:10]), epochs=1, batch_size=16,
                     callbacks=[ModelCheckpoint(run)])
     trainer.fit(MLP(), (x, y), epochs=1, batch_size=16, callbacks=[ModelCheckpoint(run)])

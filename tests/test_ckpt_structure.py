@@ -6,10 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
+from ckpt_helpers import run_fixtures
 from conftest import MLP, make_trainer
 
 from jaxfit import Trainer
-from jaxfit.callbacks import ModelCheckpoint
 from jaxfit.checkpoint import (
     CheckpointCorruptError,
     CheckpointStructureError,
@@ -22,22 +22,7 @@ from jaxfit.checkpoint import (
 from jaxfit.checkpoint import _io
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(70, 4)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0).astype(np.int32)
-    run = tmp_path_factory.mktemp("structure") / "run"
-    make_trainer().fit(MLP(), (x, y), epochs=3, batch_size=16,
-                       callbacks=[ModelCheckpoint(run, background=False)])
-    return run, (x, y)
-
-
-@pytest.fixture
-def run(base_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(base_run[0], copy)
-    return copy
+base_run, run = run_fixtures(epochs=3)
 
 
 def _ckpts(run):

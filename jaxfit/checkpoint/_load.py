@@ -31,30 +31,37 @@ _OPTIONAL: dict[str, tuple[type, ...]] = {
     "run_id": (str, type(None)), "stop_reason": (str, type(None)), "callbacks": (dict,)}
 
 
-def _spec_bytes(spec: Any, where: str) -> int:
+def _spec_bytes(spec: Any, source: str) -> int:
     """Bytes of the example input an ``input_spec`` describes, checking its structure
-    (iteratively: the depth of the input is not trusted)."""
-    total, stack = 0, [(spec, where)]
+    (iteratively: the depth of the input is not trusted).
+
+    Raises:
+      CheckpointStructureError: naming ``source`` and the entry of the spec that is wrong.
+    """
+    def bad(at: str, what: str) -> CheckpointStructureError:
+        return CheckpointStructureError(f"{source}: {at} {what}")
+
+    total, stack = 0, [(spec, "input_spec")]
     while stack:
         node, at = stack.pop()
         if not isinstance(node, dict):
-            raise ValueError(f"{at} is a {type(node).__name__}, expected a dict")
+            raise bad(at, f"is a {type(node).__name__}, expected a dict")
         if "dict" in node:
             if not isinstance(node["dict"], dict):
-                raise ValueError(f"{at}.dict is a {type(node['dict']).__name__}, expected a dict")
+                raise bad(f"{at}.dict", f"is a {type(node['dict']).__name__}, expected a dict")
             stack.extend((v, f"{at}.{k}") for k, v in node["dict"].items())
             continue
         shape, dtype = node.get("shape"), node.get("dtype")
         if not (isinstance(shape, list) and len(shape) <= _msgpack.MAX_NDIM and all(
                 isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
                 for d in shape)):
-            raise ValueError(f"{at}.shape is {shape!r}, expected a list of sizes")
+            raise bad(f"{at}.shape", f"is {shape!r}, expected a list of sizes")
         if not isinstance(dtype, str):
-            raise ValueError(f"{at}.dtype is {dtype!r}, expected a dtype name")
+            raise bad(f"{at}.dtype", f"is {dtype!r}, expected a dtype name")
         try:
             itemsize = _msgpack.dtype_from_name(dtype).itemsize
         except CheckpointCorruptError as err:
-            raise ValueError(f"{at}: {err}") from None
+            raise CheckpointStructureError(f"{source}: {at}: {err}") from None
         total += math.prod(int(d) for d in shape) * itemsize
     return total
 
@@ -80,10 +87,7 @@ def check_state(state: dict, source: str, max_bytes: int) -> None:
                     f"{' or '.join(k.__name__ for k in kinds)}")
             if isinstance(value, (int, np.integer)) and value < 0:
                 raise CheckpointStructureError(f"{source}: the state's {key!r} is {value} < 0")
-    try:
-        nbytes = _spec_bytes(state["input_spec"], "input_spec")
-    except ValueError as err:
-        raise CheckpointStructureError(f"{source}: {err}") from None
+    nbytes = _spec_bytes(state["input_spec"], source)
     if nbytes > max_bytes:
         # The model is initialised on zeros of this shape: a forged one must not exhaust memory.
         raise CheckpointStructureError(

@@ -217,5 +217,5 @@ class RunLock:
     def __del__(self) -> None:
         try:
             self.release()
-        except Exception:
-            pass
+        except OSError:  # at interpreter exit the file may be closed already: nothing to do
+            return
