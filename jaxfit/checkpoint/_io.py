@@ -56,7 +56,12 @@ def _open_regular(path: Path) -> tuple[int, int]:
     """
     # lstat first: a FIFO or device is refused without being opened (opening some devices
     # has side effects); O_NOFOLLOW and O_NONBLOCK close the race of a swap in between.
-    info = os.lstat(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # a parent that is a file, no permission, ...
+        raise CheckpointCorruptError(f"{path} cannot be read ({err})") from None
     if not stat.S_ISREG(info.st_mode):
         raise CheckpointCorruptError(
             f"{path} is a {_kind(info.st_mode)}, not a regular file: a checkpoint's files are "
@@ -97,9 +102,9 @@ def _check_size(path: Path, size: int, limit: int, expected: int | None,
 
 
 def read_regular(path: Path, *, limit: int, expected: int | None = None,
-                 limit_hint: str | None = None) -> bytes:
+                 limit_hint: str | None = None) -> bytearray:
     """The bytes of a regular file, refused unless it has ``expected`` bytes and at most
-    ``limit`` (both checked before anything is read).
+    ``limit`` (both checked before anything is read). Read once, into one buffer.
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
@@ -117,7 +122,7 @@ def read_regular(path: Path, *, limit: int, expected: int | None = None,
             got += n
         if os.read(fd, 1):
             raise CheckpointCorruptError(f"{path} grew while it was being read")
-        return bytes(buf)
+        return buf
     except OSError as err:
         raise CheckpointCorruptError(f"{path} cannot be read ({err})") from None
     finally:

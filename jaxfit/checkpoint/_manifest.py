@@ -175,9 +175,8 @@ def verify_files(ckpt_dir: Path, manifest: dict, *, max_bytes: int = DEFAULT_MAX
     Raises:
       CheckpointCorruptError: naming the first file that is missing or differs.
     """
-    limit = max_bytes
-    hint = (f"the limit of {limit} bytes (pass a larger max_bytes if the file is trusted to "
-            "be this large)")
+    hint = (f"the limit of {max_bytes} bytes (pass a larger max_bytes if the file is trusted "
+            "to be this large)")
     for name, expected in manifest["files"].items():
         path = ckpt_dir / name
         if Path(name).name != name:
@@ -185,7 +184,7 @@ def verify_files(ckpt_dir: Path, manifest: dict, *, max_bytes: int = DEFAULT_MAX
         if not isinstance(expected, dict):
             raise CheckpointCorruptError(f"{ckpt_dir / MANIFEST_FILE}: bad entry for {name!r}")
         try:
-            digest = sha256_regular(path, limit=limit, expected=expected.get("size"),
+            digest = sha256_regular(path, limit=max_bytes, expected=expected.get("size"),
                                     limit_hint=hint)
         except FileNotFoundError:
             raise CheckpointCorruptError(f"{path} is missing") from None
