@@ -140,3 +140,42 @@ def test_restoring_a_mutated_state_raises_only_structure_errors(trained_state, t
                 max_bytes=1 << 20)
     except CheckpointStructureError as err:
         assert str(ckpt / "state.msgpack") in str(err)
+
+
+# --------------------------------------------------------------------------- manifests
+_JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+              st.text(max_size=6)),
+    lambda children: st.one_of(st.lists(children, max_size=3),
+                               st.dictionaries(st.text(max_size=4), children, max_size=3)),
+    max_leaves=6)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_mutated_manifests_are_refused_by_name_by_every_reader(tmp_path_factory, capsys, data):
+    import json
+
+    from jaxfit.__main__ import main
+    from jaxfit.checkpoint import read_checkpoint, write_checkpoint
+
+    run = tmp_path_factory.mktemp("manifest")
+    ckpt = write_checkpoint(run, {"w": np.zeros(3, np.float32)}, seq=1, step=2, epoch=1,
+                            batch_in_epoch=0, reason="epoch", metrics={"val_loss": 0.5},
+                            monitor="val_loss", mode="min", recipe={"file": "recipe-0.pkl",
+                                                                    "sha256": "0" * 64})
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for _ in range(data.draw(st.integers(1, 3))):
+        node = manifest
+        while isinstance(node.get(key := data.draw(st.sampled_from(sorted(node)))), dict) \
+                and node[key] and data.draw(st.booleans()):
+            node = node[key]
+        node[key] = data.draw(_JSON_VALUES)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        read_checkpoint(ckpt)
+    except CheckpointCorruptError as err:
+        assert "manifest.json" in str(err) or "state.msgpack" in str(err)
+    assert main(["info", str(run)]) in (0, 1)
+    capsys.readouterr()

@@ -135,3 +135,21 @@ def test_a_checkpoint_copied_under_another_name_still_loads(run, tmp_path):
     best = tmp_path / "best"
     shutil.copytree(_ckpts(run)[-1], best)
     assert read_checkpoint(best)[1]["step"] == 15
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("monitor", [1], r"field 'monitor' is a list, expected str or NoneType"),
+    ("mode", "sideways", r"field 'mode' is 'sideways', expected 'min', 'max' or null"),
+    ("recipe", 3, r"field 'recipe' is a int"),
+    ("step", -5, r"a negative seq, step"),
+    ("files", {"state.msgpack": {"size": "12", "sha256": "x"}}, r"bad entry for 'state\.msgpack'"),
+])
+def test_manifest_fields_of_the_wrong_type_are_named(run, field, value, match, capsys):
+    from jaxfit.__main__ import main
+
+    newest = _ckpts(run)[-1]
+    _edit_manifest(newest, **{field: value})
+    with pytest.raises(CheckpointCorruptError, match=rf"manifest\.json: .*{match}"):
+        read_checkpoint(newest)
+    assert main(["info", str(run)]) == 0  # the table shows it invalid instead of crashing
+    assert "ckpt-000002-step10" in capsys.readouterr().out

@@ -105,6 +105,10 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 _REQUIRED = {"format": str, "format_version": int, "seq": int, "step": int, "epoch": int,
              "batch_in_epoch": int, "metrics": dict, "files": dict}
+# Fields a reader uses when present (readers such as `info` rely on their types).
+_NONE = type(None)
+_OPTIONAL = {"monitor": (str, _NONE), "mode": (str, _NONE), "run_id": (str, _NONE),
+             "reason": (str, _NONE), "recipe": (dict, str, _NONE), "created": (str, _NONE)}
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
@@ -155,6 +159,16 @@ def read_manifest(ckpt_dir: Path) -> dict:
                 f"{path}: bad entry for {name!r} (expected a size and a sha256)")
     if STATE_FILE not in manifest["files"]:
         raise CheckpointCorruptError(f"{path} lists no {STATE_FILE}")
+    for key, kinds in _OPTIONAL.items():
+        if not isinstance(manifest.get(key), kinds):
+            raise CheckpointCorruptError(
+                f"{path}: field {key!r} is a {type(manifest.get(key)).__name__}, expected "
+                f"{' or '.join(k.__name__ for k in kinds)}")
+    if manifest.get("mode") not in (None, "min", "max"):
+        raise CheckpointCorruptError(f"{path}: field 'mode' is {manifest['mode']!r}, expected "
+                                     "'min', 'max' or null")
+    if min(manifest["seq"], manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]) < 0:
+        raise CheckpointCorruptError(f"{path}: a negative seq, step, epoch or batch_in_epoch")
     named = parse_name(ckpt_dir.name)
     if named is not None and named != (manifest["seq"], manifest["step"]):
         raise CheckpointCorruptError(
