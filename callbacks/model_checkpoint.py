@@ -258,6 +258,10 @@ class ModelCheckpoint(Callback):
                 raise
             warnings.warn(f"ModelCheckpoint: a checkpoint write failed too: {err}", stacklevel=3)
 
+    def teardown(self, trainer: Trainer) -> None:
+        # Also after a fit that failed between setup and on_fit_start (nothing in flight then).
+        self._release()
+
     def _release(self) -> None:
         lock, self._lock = getattr(self, "_lock", None), None
         if lock is not None:

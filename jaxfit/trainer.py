@@ -412,7 +412,10 @@ class Trainer:
         # From here on SIGTERM / Ctrl-C stop the fit cleanly, during set-up and
         # initialisation too (they take effect before the first step).
         with loop.signals(self):
-            return self._prepare_and_run(args, initial_params)
+            try:
+                return self._prepare_and_run(args, initial_params)
+            finally:
+                self.callbacks.call("teardown", self)
 
     def _prepare_and_run(self, args: dict[str, Any], initial_params: Any) -> History:
         self.callbacks.call("setup", self)

@@ -50,17 +50,17 @@ def _edit_manifest(ckpt, **fields):
 CHANGES = {
     "no_history": (lambda s: s.pop("history"), r"the state has no entry 'history'"),
     "step_is_text": (lambda s: s.update(step="ten"), r"the state's 'step' is a str"),
-    "param_shape": (lambda s: s["train_state"]["params"]["Dense_0"].update(
+    "param_shape": (lambda s: s["train_state"]["state"]["params"]["Dense_0"].update(
         bias=np.zeros(5, np.float32)), r"Dense_0\.bias: saved shape \(5,\), expected \(3,\)"),
-    "param_dtype": (lambda s: s["train_state"]["params"]["Dense_0"].update(
+    "param_dtype": (lambda s: s["train_state"]["state"]["params"]["Dense_0"].update(
         bias=np.zeros(3, np.int32)), r"Dense_0\.bias: saved dtype int32, expected float32"),
-    "params_list": (lambda s: s["train_state"].update(params=[1, 2]),
-                    r"no entry 'params\.Dense_0"),
+    "params_list": (lambda s: s["train_state"]["state"].update(params=[1, 2]),
+                    r"no entry 'state\.params\.Dense_0"),
     "history_list": (lambda s: s.update(history=[]), r"'history' is a list"),
-    "spec_huge": (lambda s: s["input_spec"].update(shape=[2**40, 2**20]),
+    "spec_huge": (lambda s: s["input_spec"]["tuple"][0].update(shape=[2**40, 2**20]),
                   r"input_spec describes an example batch of \d+ bytes, more than max_bytes"),
-    "spec_dtype": (lambda s: s["input_spec"].update(dtype="object"),
-                   r"input_spec: array dtype 'object' is not one a checkpoint holds"),
+    "spec_dtype": (lambda s: s["input_spec"]["tuple"][0].update(dtype="object"),
+                   r"input_spec\[0\]: array dtype 'object' is not one a checkpoint holds"),
     "history_garbage": (lambda s: s["history"].update(history={"loss": "x"}),
                         r"does not have the structure this trainer expects \(ValueError: "),
     "callbacks_list": (lambda s: s.update(callbacks=[]), r"'callbacks' is a list"),

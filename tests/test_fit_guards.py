@@ -79,3 +79,16 @@ def test_metrics_with_a_full_form_loss_are_refused():
 
     with pytest.raises(ConfigError, match=r"full-form loss fn\(model, batch, ctx\) returns its metrics itself"):
         Trainer(optax.sgd(0.1), loss=loss, metrics=["accuracy"])
+
+
+def test_a_fit_failing_before_it_starts_releases_the_run_directory(tmp_path, data):
+    from jaxfit.callbacks import ModelCheckpoint
+
+    x, y = data
+    ckpt = ModelCheckpoint(tmp_path / "run")
+    with pytest.raises(ShapeError):  # fails after setup took the lock, before on_fit_start
+        make_trainer().fit(MLP(), (x, y), validation_data=(x[:, :3], y), epochs=1, callbacks=[ckpt], verbose=0)
+    # Another trainer in this process may now write there: the lock was released in teardown.
+    make_trainer().fit(MLP(), (x, y), epochs=1, batch_size=16, verbose=0,
+                       callbacks=[ModelCheckpoint(tmp_path / "run")])
+    assert any(p.name.startswith("ckpt-") for p in (tmp_path / "run").iterdir())

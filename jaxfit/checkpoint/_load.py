@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _FIELDS: dict[str, tuple[type, ...]] = {
     "format": (int, np.integer, str), "train_state": (dict,), "step": (int, np.integer),
     "epoch": (int, np.integer), "batch_in_epoch": (int, np.integer),
-    "seed": (int, np.integer), "input_spec": (dict,), "history": (dict,)}
+    "seed": (int, np.integer), "input_spec": (dict, type(None)), "history": (dict,)}
 _OPTIONAL: dict[str, tuple[type, ...]] = {
     "run_id": (str, type(None)), "stop_reason": (str, type(None)), "callbacks": (dict,)}
 
@@ -41,6 +41,8 @@ def _spec_bytes(spec: Any, source: str) -> int:
     def bad(at: str, what: str) -> CheckpointStructureError:
         return CheckpointStructureError(f"{source}: {at} {what}")
 
+    if spec is None:  # batches of other containers: their shapes are in the recipe
+        return 0
     total, stack = 0, [(spec, "input_spec")]
     while stack:
         node, at = stack.pop()
@@ -50,6 +52,12 @@ def _spec_bytes(spec: Any, source: str) -> int:
             if not isinstance(node["dict"], dict):
                 raise bad(f"{at}.dict", f"is a {type(node['dict']).__name__}, expected a dict")
             stack.extend((v, f"{at}.{k}") for k, v in node["dict"].items())
+            continue
+        seq = next((k for k in ("tuple", "list") if k in node), None)
+        if seq is not None:
+            if not isinstance(node[seq], list):
+                raise bad(f"{at}.{seq}", f"is a {type(node[seq]).__name__}, expected a list")
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(node[seq]))
             continue
         shape, dtype = node.get("shape"), node.get("dtype")
         if not (isinstance(shape, list) and len(shape) <= _msgpack.MAX_NDIM and all(
@@ -89,7 +97,7 @@ def check_state(state: dict, source: str, max_bytes: int) -> None:
                 raise CheckpointStructureError(f"{source}: the state's {key!r} is {value} < 0")
     nbytes = _spec_bytes(state["input_spec"], source)
     if nbytes > max_bytes:
-        # The model is initialised on zeros of this shape: a forged one must not exhaust memory.
+        # Restoring traces the model on this shape (abstractly); a forged one is refused anyway.
         raise CheckpointStructureError(
             f"{source}: input_spec describes an example batch of {nbytes} bytes, more than "
             f"max_bytes={max_bytes}")
