@@ -91,3 +91,32 @@ def test_the_full_form_initialises_a_model_whose_call_takes_a_key_argument():
     trainer = Trainer(optax.adam(1e-3), loss=loss, seed=0)
     trainer.fit(VAE(), _data()[0], epochs=1, batch_size=16, verbose=0)
     assert trainer.step == 2
+
+
+@pytest.mark.xfail(strict=True, raises=jaxfit.DataError, reason=(
+    "trainer.py:386-389: fit() without a model hands a custom step itself as the model, and "
+    "a model the trainer does not hold yet resets the fit arguments (_set_model, then "
+    "_fit_args = {}), so verify_resume(None, data, ...), which stores data in the recipe "
+    "and calls fit(), loses its data: 'fit() needs training data'. Workaround in the docs: "
+    "verify_resume(step, data, ...)."))
+def test_verify_resume_of_a_custom_step_that_holds_its_modules():
+    module, tx = nn.Dense(3), optax.sgd(0.1)
+
+    class PlainStep(jaxfit.Step):
+        def init(self, model, batch, key):
+            params = module.init(key, batch[0])["params"]
+            return {"params": params, "opt": tx.init(params)}
+
+        def train_step(self, state, batch, ctx):
+            x, y = batch
+            loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+                module.apply({"params": p}, x), y).mean()
+            loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+            updates, opt = tx.update(grads, state["opt"], state["params"])
+            return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, {"loss": loss}
+
+        def eval_step(self, state, batch, ctx):
+            return {}
+
+    report = Trainer(step=PlainStep(), seed=0).verify_resume(None, _data(), epochs=2, batch_size=16)
+    assert report, report
