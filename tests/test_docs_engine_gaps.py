@@ -94,7 +94,7 @@ def test_the_full_form_initialises_a_model_whose_call_takes_a_key_argument():
 
 
 @pytest.mark.xfail(strict=True, raises=jaxfit.DataError, reason=(
-    "trainer.py:386-389: fit() without a model hands a custom step itself as the model, and "
+    "trainer.py:378-382: fit() without a model hands a custom step itself as the model, and "
     "a model the trainer does not hold yet resets the fit arguments (_set_model, then "
     "_fit_args = {}), so verify_resume(None, data, ...), which stores data in the recipe "
     "and calls fit(), loses its data: 'fit() needs training data'. Workaround in the docs: "
