@@ -36,7 +36,7 @@ def test_a_custom_step_may_return_one_array_under_two_keys_of_its_initial_state(
 
         def train_step(self, state, batch, ctx):
             x, y = batch
-            loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+            loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
                 module.apply({"params": p}, x), y).mean()
             loss, grads = jax.value_and_grad(loss_fn)(state["params"])
             updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -109,7 +109,7 @@ def test_verify_resume_of_a_custom_step_that_holds_its_modules():
 
         def train_step(self, state, batch, ctx):
             x, y = batch
-            loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+            loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
                 module.apply({"params": p}, x), y).mean()
             loss, grads = jax.value_and_grad(loss_fn)(state["params"])
             updates, opt = tx.update(grads, state["opt"], state["params"])

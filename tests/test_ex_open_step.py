@@ -4,7 +4,6 @@ promise, write under a new run directory and can be run again and again."""
 import re
 
 import pytest
-
 from ex_support import png_size, run_example
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
