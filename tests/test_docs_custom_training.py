@@ -40,6 +40,17 @@ def test_the_page_names_every_program_it_promises():
         assert name in TEXT, name
 
 
+def test_the_readme_links_the_page_and_lists_the_open_step_examples():
+    readme = (PAGE.parent.parent / "README.md").read_text()
+    section = readme.split("## Custom training logic\n", 1)[1].split("\n## ", 1)[0]
+    assert "(docs/custom_training.md)" in section
+    assert [r.split("|")[1].strip() for r in section.splitlines() if r.startswith("| ") and "`" in r] == [
+        "simple loss", "full-form loss", "custom step"]
+    for script in ["vae.py", "transformer_lm.py", "gan.py"]:
+        assert f"| `examples/{script}` |" in readme
+        assert (PAGE.parent.parent / "examples" / script).is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("code", [c for _, c in BLOCKS], ids=[i for i, _ in BLOCKS])
 def test_block_runs(code):
