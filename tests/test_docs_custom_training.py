@@ -20,7 +20,8 @@ def _blocks() -> list[tuple[str, str]]:
     """(id, code) of each runnable block, named after the section it is in."""
     found = []
     for m in RUNNABLE.finditer(TEXT):
-        heading = re.findall(r"^#+ (.+)$", TEXT[: m.start()], re.MULTILINE)[-1]
+        prose = FENCE.sub("", TEXT[: m.start()])  # a comment in a block is no heading
+        heading = re.findall(r"^#+ (.+)$", prose, re.MULTILINE)[-1]
         slug = re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")[:40]
         found.append((f"{len(found)}-{slug}", m.group(1)))
     return found
