@@ -12,8 +12,8 @@ more real tokens counts more, padding counts for nothing. ``LRScheduler`` warms 
 up and decays it; ``ModelCheckpoint`` keeps the best ``val_loss`` in a new
 ``runs/transformer_lm/version_N`` (or ``--run-dir``).
 
-    python examples/transformer_lm.py          # 10 epochs on 1,024 sentences, ~1.5 min on 2 CPU cores
-                                               # (val accuracy ~0.87 per character)
+    python examples/transformer_lm.py          # 8 epochs on 2,048 sentences, ~2.5 min on 2 CPU
+                                               # cores; val accuracy ~0.89 per character
     python examples/transformer_lm.py --smoke  # 2 epochs on 128 sentences
 """
 
@@ -104,12 +104,12 @@ def lm1b_loss(model, batch, ctx):
         "accuracy": jaxfit.Average(jnp.sum(correct), jnp.sum(weights))}
 
 
-def complete(params, prompt: str, length: int = 24) -> str:
+def complete(model: TransformerLM, params, prompt: str, length: int = 24) -> str:
     """Greedy decoding from ``prompt``: the whole (padded) sequence per character."""
     ids = {c: i + 1 for i, c in enumerate(CHARS)}
     seq = np.zeros((1, MAX_LEN), np.int32)
     seq[0, : len(prompt)] = [ids[c] for c in prompt]
-    step = jax.jit(lambda p, s: TransformerLM().apply({"params": p}, s, deterministic=True))
+    step = jax.jit(lambda p, s: model.apply({"params": p}, s, deterministic=True))
     pos = len(prompt)
     for _ in range(min(length, MAX_LEN - pos)):
         # The model predicts token `pos` at position `pos` (inputs are shifted inside),
@@ -124,21 +124,23 @@ def complete(params, prompt: str, length: int = 24) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=None, help="default 10; --smoke: 2")
+    p.add_argument("--epochs", type=int, default=None, help="default 8; --smoke: 2")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--run-dir", default=None, help="default: a new runs/transformer_lm/version_N")
     p.add_argument("--smoke", action="store_true", help="2 epochs on 128 sentences")
     args = p.parse_args()
-    epochs = args.epochs or (2 if args.smoke else 10)
+    epochs = args.epochs or (2 if args.smoke else 8)
     out = run_dir("transformer_lm", args.run_dir)
 
-    train = {"inputs": corpus(128 if args.smoke else 1024, seed=0)}
+    train = {"inputs": corpus(128 if args.smoke else 2048, seed=0)}
     val = {"inputs": corpus(64 if args.smoke else 256, seed=1)}
     steps = epochs * -(-len(train["inputs"]) // args.batch_size)
+    # One block in smoke mode: half the compilation, and the loss still falls.
+    model = TransformerLM(layers=1) if args.smoke else TransformerLM()
     trainer = Trainer(optax.inject_hyperparams(optax.adamw)(learning_rate=3e-3, weight_decay=0.01),
                       loss=lm1b_loss, seed=0)  # fmt: skip
     history = trainer.fit(
-        TransformerLM(), train, validation_data=val, epochs=epochs, batch_size=args.batch_size,
+        model, train, validation_data=val, epochs=epochs, batch_size=args.batch_size,
         verbose=2,
         callbacks=[LRScheduler(optax.warmup_cosine_decay_schedule(0.0, 3e-3, max(steps // 10, 1), steps)),
                    ModelCheckpoint(out, monitor="val_loss")],
@@ -147,7 +149,7 @@ def main() -> None:
     tokens = int((val["inputs"] > 0).sum())
     print(f"val_loss {h['val_loss'][0]:.4f} -> {h['val_loss'][-1]:.4f} per token over {tokens} "
           f"tokens (uniform: {np.log(VOCAB - 1):.4f}); val_accuracy {h['val_accuracy'][-1]:.4f}")
-    print(f"the model completes 'the cat s' as {complete(trainer.params, 'the cat s')!r}")
+    print(f"the model completes 'the cat s' as {complete(model, trainer.params, 'the cat s')!r}")
     print(f"checkpoints in {out}")
 
 
