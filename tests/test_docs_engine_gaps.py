@@ -1,9 +1,7 @@
-"""Engine gaps found while writing docs/custom_training.md and the open-step examples.
-
-Each test states the behaviour the docs would like to promise and fails today
-(``xfail(strict=True)``: it turns into a failure, to be unmarked, once the engine is fixed).
-The page and the examples work around each one; the workaround is named in the reason.
-"""
+"""Behaviours found missing while writing docs/custom_training.md and the open-step
+examples, each pinned once fixed: aliased arrays in a custom step's initial state, the
+caller's initial params kept intact, a linen model initialised by the full-form loss's own
+call (a VAE's ``__call__(x, z_rng)``), and verify_resume of a step holding its modules."""
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +19,6 @@ def _data():
     return rng.normal(size=(32, 4)).astype("float32"), rng.integers(0, 3, size=32).astype("int32")
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "engine.py:75 runs Step.init eagerly and donates its result as is: two entries of the "
-    "state that are one array ({'params': p, 'ema': p}, as in the Step docstring's own EMA "
-    "example) fail the first step with 'Attempt to donate the same buffer twice' "
-    "(loop.py:122). Workaround in the docs: jax.tree.map(jnp.copy, params)."))
 def test_a_custom_step_may_return_one_array_under_two_keys_of_its_initial_state():
     module, tx = nn.Dense(3), optax.sgd(0.1)
 
@@ -52,11 +45,6 @@ def test_a_custom_step_may_return_one_array_under_two_keys_of_its_initial_state(
     assert trainer.step == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "step.py:423 (_merge_params) keeps the caller's device array when its dtype already "
-    "matches (astype is a no-op), and the first train step donates it: after "
-    "fit(initial_params=tree) the caller's arrays are deleted. Workaround in the docs: "
-    "pass host arrays (jax.device_get)."))
 def test_initial_params_leave_the_callers_arrays_intact():
     class Net(nn.Module):
         @nn.compact
@@ -71,12 +59,6 @@ def test_initial_params_leave_the_callers_arrays_intact():
     assert not pretrained["kernel"].is_deleted()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "step.py:344 / models.py:148: the full form initialises a linen model with "
-    "module.init(rngs, *inputs_of_the_batch), so flax's VAE, __call__(x, z_rng), cannot be "
-    "initialised (TypeError: missing 'z_rng') although its loss calls model(x, ctx.rng('z')). "
-    "Workaround in docs/custom_training.md and examples/vae.py: z_rng=None drawn from "
-    "self.make_rng('dropout')."))
 def test_the_full_form_initialises_a_model_whose_call_takes_a_key_argument():
     class VAE(nn.Module):
         @nn.compact
@@ -93,12 +75,6 @@ def test_the_full_form_initialises_a_model_whose_call_takes_a_key_argument():
     assert trainer.step == 2
 
 
-@pytest.mark.xfail(strict=True, raises=jaxfit.DataError, reason=(
-    "trainer.py:378-382: fit() without a model hands a custom step itself as the model, and "
-    "a model the trainer does not hold yet resets the fit arguments (_set_model, then "
-    "_fit_args = {}), so verify_resume(None, data, ...), which stores data in the recipe "
-    "and calls fit(), loses its data: 'fit() needs training data'. Workaround in the docs: "
-    "verify_resume(step, data, ...)."))
 def test_verify_resume_of_a_custom_step_that_holds_its_modules():
     module, tx = nn.Dense(3), optax.sgd(0.1)
 
