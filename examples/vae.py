@@ -58,11 +58,7 @@ class VAE(nn.Module):
         self.encoder = Encoder(self.latents)
         self.decoder = Decoder(self.pixels)
 
-    def __call__(self, x, z_rng=None):
-        # flax's model takes z_rng; the default is for jaxfit's init, which calls the model
-        # on the batch alone (docs/custom_training.md, the VAE).
-        if z_rng is None:
-            z_rng = self.make_rng("dropout")
+    def __call__(self, x, z_rng):
         mean, logvar = self.encoder(x)
         z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(z_rng, logvar.shape)
         return self.decoder(z), mean, logvar
