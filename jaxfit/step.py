@@ -402,9 +402,9 @@ class LossStep(Step):
         return self.adapter.call(state.params, state.model_state, args, kwargs, train=False,
                                  key=ctx.key, stream_key=stream_key)[0]
 
-    def check_targets(self, data: Any, state: TrainState) -> None:
-        """Integer class labels of array data must index the model's outputs: checked once,
-        vectorised, before the first step (out-of-range labels train to NaN or silently wrong)."""
+    def check_targets(self, data: Any, state: TrainState, where: str = "training data") -> None:
+        """Integer class labels must index the model's outputs: checked once, vectorised,
+        before the first step (out-of-range labels train to NaN or silently wrong)."""
         if self.form != "simple" or LOSSES.get(self.loss_name) is not LOSSES["softmax_cross_entropy"]:
             return
         try:
@@ -421,7 +421,7 @@ class LossStep(Step):
         lo, hi = int(y.min()), int(y.max())
         if classes is not None and (lo < 0 or hi >= classes):
             raise DataError(
-                f"training data: integer labels range from {lo} to {hi}, but the model has "
+                f"{where}: integer labels range from {lo} to {hi}, but the model has "
                 f"{classes} outputs, so labels must be in 0..{classes - 1}. Check the last "
                 "layer's size (num_classes) or re-encode the labels (np.unique(y, return_inverse=True))."
             )

@@ -348,6 +348,7 @@ class Trainer:
         validation_batch_size: int | None = None,
         validation_freq: int | None = None,
         drop_remainder: bool | None = None,
+        validation_split: float | None = None,
         initial_params: Any = None,
         verbose: int | str | None = None,
     ) -> History:
@@ -368,6 +369,8 @@ class Trainer:
             initial_params: params to start a new run from instead of the model's
                 initialisation: a whole params tree, or the subtrees to replace (a
                 pretrained backbone). Used once: a resumed run never re-applies them.
+            validation_split: a fraction in (0, 1): the last samples of array data (before
+                any shuffling, as in Keras) are held out as validation data.
             verbose: 0 silent, 1 a progress bar, 2 one line per epoch (Keras's meaning);
                 by default 1, through the ``jaxfit.progress`` plugin, unless a progress
                 callback is given.
@@ -385,7 +388,8 @@ class Trainer:
         args = self._fit_args
         given = dict(data=data, validation_data=validation_data, epochs=epochs, batch_size=batch_size,
                      validation_batch_size=validation_batch_size, shuffle=shuffle,
-                     validation_freq=validation_freq, drop_remainder=drop_remainder, verbose=verbose)
+                     validation_freq=validation_freq, drop_remainder=drop_remainder, verbose=verbose,
+                     validation_split=validation_split)
         args.update({k: v for k, v in given.items() if v is not None})
         # Defaults only for a new run: a resumed fit() keeps the run's shuffle and frequency.
         for key, default in (("epochs", 1), ("shuffle", True), ("validation_freq", 1),
@@ -420,11 +424,12 @@ class Trainer:
     def _prepare_and_run(self, args: dict[str, Any], initial_params: Any) -> History:
         self.callbacks.call("setup", self)
 
-        train = self._source(args["data"], "training data", batch_size=args.get("batch_size"),
+        data, val_data = _split_validation(args["data"], args.get("validation_data"), args.get("validation_split"))
+        train = self._source(data, "training data", batch_size=args.get("batch_size"),
                              shuffle=args["shuffle"], drop_remainder=args["drop_remainder"])
         val = None
-        if args.get("validation_data") is not None:
-            val = self._source(args["validation_data"], "validation data",
+        if val_data is not None:
+            val = self._source(val_data, "validation data",
                                batch_size=args.get("validation_batch_size") or args.get("batch_size"))
         first = train.example()
         self._check_divisible(loop.rows_of(first))
@@ -461,8 +466,13 @@ class Trainer:
 
     def _check_targets(self, source: Any) -> None:
         step = self._step_obj
-        if isinstance(step, LossStep) and hasattr(source, "data"):
+        if not isinstance(step, LossStep):
+            return
+        if hasattr(source, "data"):  # arrays: every label, once
             step.check_targets(source.data, self.state)
+        else:  # an iterable: its batches are not known ahead; the first one is checked
+            step.check_targets(source.example(), self.state,
+                               "training data (checked on the iterable's first batch only)")
 
     def check_monitor(self, name: str, owner: Any = None) -> None:
         """Raise ``MonitorError`` unless ``name`` will be in the epoch logs."""
@@ -570,6 +580,28 @@ class Trainer:
         from jaxfit.checkpoint import load_trainer
 
         return load_trainer(path, **kwargs)
+
+
+def _split_validation(data: Any, val: Any, split: float | None) -> tuple[Any, Any]:
+    """``(training, validation)`` data: Keras's ``validation_split`` holds out the last
+    ``split`` of the samples, taken before any shuffling."""
+    if split is None:
+        return data, val
+    if isinstance(split, bool) or not isinstance(split, (float, int)) or not 0 < split < 1:
+        raise ConfigError(f"validation_split must be a fraction between 0 and 1, got {split!r}")
+    if val is not None:
+        raise ConfigError("give validation_data= or validation_split=, not both")
+    leaves = jax.tree_util.tree_leaves(data)
+    if not leaves or not all(hasattr(a, "shape") and getattr(a, "ndim", 0) for a in leaves) or isinstance(data, list):
+        raise ConfigError(
+            "validation_split= works on array data ((x, y), a dict of arrays), as in Keras; for an "
+            "iterable of batches pass validation_data= instead"
+        )
+    n = leaves[0].shape[0]
+    cut = int(np.floor(n * (1.0 - split)))
+    if cut in (0, n):
+        raise ConfigError(f"validation_split={split} of {n} samples leaves an empty training or validation set")
+    return (jax.tree_util.tree_map(lambda a: a[:cut], data), jax.tree_util.tree_map(lambda a: a[cut:], data))
 
 
 def _placed_like(value: Any, current: Any, what: str) -> Any:
