@@ -446,10 +446,9 @@ def _grain_ready(source: Any) -> None:
 
 def iter_once(source: Any) -> bool:
     """True for one-shot iterators (a generator object, ``iter(list)``)."""
-    try:
-        return iter(source) is source
-    except TypeError:
-        return False
+    # Checked by type, without calling iter(): that may start a loader's workers, or ask an
+    # iterable that is told the epoch (set_epoch) for a pass before it was told one.
+    return hasattr(type(source), "__next__") and hasattr(type(source), "__iter__")
 
 
 def make_source(data: Any, *, batch_size: int | None, shuffle: bool, seed: int, what: str,
