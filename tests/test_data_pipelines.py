@@ -252,3 +252,22 @@ def test_validation_every_n_steps_as_well_as_every_epoch():
     make_trainer().fit(MLP(), Stream(), steps_per_epoch=5, epochs=2, validation_data=val,
                        validation_steps_freq=3, callbacks=[Val()], verbose=0)
     assert rec == [(3, 3, True), (5, None, True), (6, 6, True), (9, 9, True), (10, None, True)]
+
+
+def test_the_core_imports_no_grain():
+    import subprocess
+    import sys
+
+    code = "import sys, jaxfit, jaxfit.data, jaxfit.loop; assert 'grain' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_the_grain_example_resumes_without_replay_in_smoke_mode(tmp_path):
+    from ex_support import run_example
+
+    out = run_example("grain_pipeline.py", "--smoke", cwd=tmp_path)
+    assert "(nothing replayed)" in out
+    assert "weights equal to the uninterrupted run: True; history equal: True" in out
