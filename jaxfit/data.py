@@ -1,9 +1,11 @@
-"""Data adapters: arrays, dicts of arrays and re-iterables of batches, behind one interface.
+"""Data adapters: arrays (any pytree of them) and re-iterables of batches, behind one
+interface, ``executions(epoch, start, k, position, limit)``.
 
-Every batch the step sees has the same shape: the last partial batch is padded with zeros
-and carries ``n_valid``, from which the step builds a mask, so every real sample counts
-exactly once and the step compiles once. Arrays are shuffled per epoch with a permutation
-derived from ``(seed, epoch)`` alone, which is what makes a resumed run see the same order.
+Batches reach the step as they are. The last partial batch of array data runs at its true
+size (padded, masked, only under a mesh where that is exact: see ``Trainer``), so nothing
+computed over the batch sees padding. Arrays are shuffled per epoch with a permutation
+derived from ``(seed, epoch)`` alone; iterables carry their position (their iterator's own
+state when it has one) with every execution, which checkpoints store. ``docs/data.md``.
 """
 
 from __future__ import annotations
