@@ -194,7 +194,7 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
             trainer._data_position = ex.position
             if has_end:
                 cbs.call("on_train_batch_end", trainer, {"loss": loss} if loss is not None else {})
-            if val_steps and val is not None and trainer._step // val_steps > (trainer._step - ex.k) // val_steps:
+            if val is not None and _step_validation_due(trainer, val_steps, ex.k, train.steps_per_epoch, epoch):
                 _validate(trainer, val, {"step": trainer._step})
             if max_steps is not None and trainer._step >= max_steps:
                 trainer.stop_training = True
@@ -208,6 +208,15 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
         # continues it; no epoch-end hooks for a partial epoch.
         if trainer.batch_in_epoch >= (train.steps_per_epoch or math.inf):
             _end_epoch(trainer, epoch, val)
+
+
+def _step_validation_due(trainer: Trainer, every: int | None, k: int, per_epoch: int | None,
+                         epoch: int) -> bool:
+    """A validation every ``every`` steps is due, unless the epoch ends at this step and
+    validates anyway (no second run on the same state)."""
+    if not every or trainer._step // every == (trainer._step - k) // every:
+        return False
+    return not (trainer.batch_in_epoch == per_epoch and epoch % trainer.fit_config["validation_freq"] == 0)
 
 
 def _end_epoch(trainer: Trainer, epoch: int, val: Any) -> None:

@@ -252,6 +252,10 @@ def test_validation_every_n_steps_as_well_as_every_epoch():
     make_trainer().fit(MLP(), Stream(), steps_per_epoch=5, epochs=2, validation_data=val,
                        validation_steps_freq=3, callbacks=[Val()], verbose=0)
     assert rec == [(3, 3, True), (5, None, True), (6, 6, True), (9, 9, True), (10, None, True)]
+    rec.clear()  # a step validation that falls on an epoch end runs once, as the epoch's
+    make_trainer().fit(MLP(), Stream(), steps_per_epoch=5, epochs=2, validation_data=val,
+                       validation_steps_freq=5, callbacks=[Val()], verbose=0)
+    assert rec == [(5, None, True), (10, None, True)]
 
 
 def test_the_core_imports_no_grain():
