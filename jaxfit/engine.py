@@ -72,7 +72,7 @@ class Engine:
         """The initial ``EngineState`` for ``model`` and an example batch; with
         ``abstract=True`` only its shapes and dtypes (nothing is computed or compiled)."""
         fn = lambda b: self.step.init(model, b, self.init_key)  # noqa: E731
-        state = jax.eval_shape(fn, batch) if abstract else fn(batch)
+        state = jax.eval_shape(fn, batch) if abstract else _unaliased(fn(batch))
         return self.wrap(state, batch, abstract=abstract)
 
     def wrap(self, state: Any, batch: Any, *, abstract: bool = False) -> EngineState:
@@ -211,6 +211,21 @@ class Engine:
 
     def clear(self) -> None:
         self._compiled.clear()
+
+
+def _unaliased(state: Any) -> Any:
+    """``state`` with every array appearing once: the train step donates the state, and one
+    buffer cannot be donated twice (``{"params": p, "ema": p}`` from a custom ``init``)."""
+    seen: set[int] = set()
+
+    def once(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array):
+            if id(leaf) in seen:
+                return jnp.copy(leaf)
+            seen.add(id(leaf))
+        return leaf
+
+    return jax.tree_util.tree_map(once, state)
 
 
 def apply_schedules(state: Any, slots: dict[str, HyperparamSlot], schedules: dict[str, Callable],
