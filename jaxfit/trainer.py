@@ -155,6 +155,7 @@ class Trainer:
         self._epoch_under_way: int | None = None
         self.batch_in_epoch = 0
         self._step = 0
+        self._data_position: Any = None  # an iterable's position after the last batch trained on
         self._masks: dict[Any, jax.Array] = {}
         self._signal: str | None = None
         self.run_id: str | None = None
@@ -258,6 +259,7 @@ class Trainer:
         self._batch_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
         self._es = self._place_state(es)
         self._step, self._epochs_completed, self.batch_in_epoch = 0, 0, 0
+        self._data_position = None
         self._masks.clear()
 
     # ---------------------------------------------------------- placement
@@ -308,9 +310,10 @@ class Trainer:
         return m
 
     def _source(self, data: Any, what: str, *, batch_size: Any, shuffle: bool = False,
-                drop_remainder: bool = False) -> Any:
+                drop_remainder: bool = False, steps_per_epoch: int | None = None) -> Any:
         return make_source(data, batch_size=batch_size, shuffle=shuffle, seed=self.seed, what=what,
-                           drop_remainder=drop_remainder, pad_multiple=self._devices_on_data_axis())
+                           drop_remainder=drop_remainder, pad_multiple=self._devices_on_data_axis(),
+                           steps_per_epoch=steps_per_epoch)
 
     def _check_padding(self, src: Any, what: str, mode: str) -> None:
         """Refuse a mesh-padded last batch where the padding could change the result.
@@ -349,6 +352,9 @@ class Trainer:
         validation_freq: int | None = None,
         drop_remainder: bool | None = None,
         validation_split: float | None = None,
+        steps_per_epoch: int | None = None,
+        max_steps: int | None = None,
+        validation_steps_freq: int | None = None,
         initial_params: Any = None,
         verbose: int | str | None = None,
     ) -> History:
@@ -366,6 +372,14 @@ class Trainer:
                 full-form loss or custom step), or a re-iterable of batches.
             drop_remainder: leave out the last, partial batch of array data (by default it
                 runs at its true size: one more compile, and every sample counts once).
+            steps_per_epoch: for an iterable: an epoch is this many batches of one stream
+                (an infinite one, or one whose passes run into each other), Keras's meaning.
+            max_steps: end the run at this total of train steps (Lightning's meaning; a
+                total kept by a resumed ``fit()``, like ``epochs``). Without ``epochs`` the
+                epochs are then unlimited. A run it stops mid-epoch resumes mid-epoch.
+            validation_steps_freq: also validate every this many train steps (callbacks
+                see it in ``on_validation_end``, whose logs then hold ``step``);
+                ``validation_freq`` counts epochs. See ``docs/data.md``.
             initial_params: params to start a new run from instead of the model's
                 initialisation: a whole params tree, or the subtrees to replace (a
                 pretrained backbone). Used once: a resumed run never re-applies them.
@@ -389,10 +403,11 @@ class Trainer:
         given = dict(data=data, validation_data=validation_data, epochs=epochs, batch_size=batch_size,
                      validation_batch_size=validation_batch_size, shuffle=shuffle,
                      validation_freq=validation_freq, drop_remainder=drop_remainder, verbose=verbose,
-                     validation_split=validation_split)
+                     validation_split=validation_split, steps_per_epoch=steps_per_epoch,
+                     max_steps=max_steps, validation_steps_freq=validation_steps_freq)
         args.update({k: v for k, v in given.items() if v is not None})
         # Defaults only for a new run: a resumed fit() keeps the run's shuffle and frequency.
-        for key, default in (("epochs", 1), ("shuffle", True), ("validation_freq", 1),
+        for key, default in (("shuffle", True), ("validation_freq", 1),
                              ("drop_remainder", False), ("verbose", 1)):
             args.setdefault(key, default)
         if callbacks is not None:
@@ -417,21 +432,23 @@ class Trainer:
         # initialisation too (they take effect before the first step).
         with loop.signals(self):
             try:
-                return self._prepare_and_run(args, initial_params)
+                return self._prepare_and_run(args, initial_params, given)
             finally:
                 self.callbacks.call("teardown", self)
 
-    def _prepare_and_run(self, args: dict[str, Any], initial_params: Any) -> History:
+    def _prepare_and_run(self, args: dict[str, Any], initial_params: Any, given: dict[str, Any]) -> History:
         self.callbacks.call("setup", self)
 
         data, val_data = _split_validation(args["data"], args.get("validation_data"), args.get("validation_split"))
         train = self._source(data, "training data", batch_size=args.get("batch_size"),
-                             shuffle=args["shuffle"], drop_remainder=args["drop_remainder"])
+                             shuffle=args["shuffle"], drop_remainder=args["drop_remainder"],
+                             steps_per_epoch=args.get("steps_per_epoch"))
         val = None
         if val_data is not None:
             val = self._source(val_data, "validation data",
                                batch_size=args.get("validation_batch_size") or args.get("batch_size"))
-        first = train.example()
+        loop.check_sources(given, train, val)
+        first = loop.first_batch(self, train)
         self._check_divisible(loop.rows_of(first))
         if self._es is None:
             self._init_state(first, initial_params)
@@ -446,8 +463,9 @@ class Trainer:
             log = log + [f"val_{m}" for m in self._engine.log_names("eval")]  # type: ignore[union-attr]
         self._check_targets(train)
         self.log_names = log + [k for cb in self.callbacks for k in cb.log_keys if k not in log]
-        self.fit_config = dict(epochs=int(args["epochs"]), batch_size=train.batch_size,
-                               steps_per_epoch=train.steps_per_epoch,
+        self.fit_config = dict(epochs=loop.epochs_of(args, train.steps_per_epoch), batch_size=train.batch_size,
+                               steps_per_epoch=train.steps_per_epoch, max_steps=args.get("max_steps"),
+                               validation_steps_freq=args.get("validation_steps_freq"),
                                steps_per_execution=self.steps_per_execution, has_validation=val is not None,
                                validation_freq=args["validation_freq"])
         return loop.fit(self, train, val)
