@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import jax
 
+from jaxfit._tree import same_structure
 from jaxfit.errors import ConfigError, DataError
 
 TARGET_KEYS = ("label", "labels", "y", "target", "targets")
@@ -382,9 +383,8 @@ def _rows(batch: Any) -> int | None:
 
 
 def _same_shapes(batches: list) -> bool:
-    first = jax.tree_util.tree_structure(batches[0])
     shapes = [tuple((a.shape, a.dtype) for a in jax.tree_util.tree_leaves(b)) for b in batches]
-    return all(jax.tree_util.tree_structure(b) == first for b in batches) and len(set(shapes)) == 1
+    return all(same_structure(b, batches[0]) for b in batches) and len(set(shapes)) == 1
 
 
 def _takes_epoch(fn: Callable) -> bool:

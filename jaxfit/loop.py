@@ -37,7 +37,7 @@ def rows_of(batch: Any) -> int | None:
 
 
 def _positive(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+    return bool(not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1)
 
 
 def check_fit_args(args: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import zlib
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import optax
 from flax import nnx, struct
 
 from jaxfit._reduce import resolve
+from jaxfit._tree import same_structure
 from jaxfit.data import split_dict
 from jaxfit.errors import ConfigError, DataError
 from jaxfit.losses import LOSSES
@@ -98,6 +99,9 @@ class TrainState:
     params: Any
     model_state: Any
     opt_state: Any
+
+    if TYPE_CHECKING:  # flax.struct adds it at run time
+        def replace(self, **changes: Any) -> TrainState: ...
 
 
 class Step:
@@ -442,7 +446,7 @@ def _merge_params(current: Any, given: Any, where: str) -> Any:
                 f"{sorted(current)}"
             )
         return {k: _merge_params(v, given[k], f"{where}.{k}") if k in given else v for k, v in current.items()}
-    if jax.tree_util.tree_structure(current) != jax.tree_util.tree_structure(given):
+    if not same_structure(current, given):
         raise ConfigError(f"initial_params: {where} has another structure than the model's params")
 
     def check(cur: Any, new: Any) -> Any:
