@@ -420,6 +420,7 @@ def _merge_params(current: Any, given: Any, where: str) -> Any:
         new = jnp.asarray(new)
         if new.shape != cur.shape:
             raise ConfigError(f"initial_params: {where} has shape {new.shape}, the model expects {cur.shape}")
-        return new.astype(cur.dtype)
+        # A copy: the train step donates its state, which must not delete the caller's arrays.
+        return jnp.array(new, dtype=cur.dtype, copy=True)
 
     return jax.tree_util.tree_map(check, current, given)
