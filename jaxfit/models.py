@@ -147,6 +147,11 @@ class ModelAdapter:
         params_key, dropout_key = jax.random.split(key)
         variables = dict(_jitted_init(self.module, flags)({"params": params_key, "dropout": dropout_key},
                                                            args, kwargs))
+        return self.split_variables(variables)
+
+    def split_variables(self, variables: Any) -> tuple[Any, Any]:
+        """(params, model_state) of linen variables; sown collections are left out."""
+        variables = dict(variables)
         params = variables.pop("params", {})
         for name in [n for n, col in variables.items() if n == "intermediates" or _is_sown(col)]:
             variables.pop(name)

@@ -246,6 +246,21 @@ class LossContext:
         return out
 
 
+class _InitContext(LossContext):
+    """The loss's context while ``LossStep.init`` runs it: the first model call initialises."""
+
+    def _call(self, method: str | None, args: tuple, kwargs: dict) -> Any:
+        if self.params is not None:
+            return super()._call(method, args, kwargs)
+        a = self.adapter
+        params_key, dropout_key = jax.random.split(self.key)
+        kw = {**a.flag_kwargs(False, kwargs), **kwargs} if method is None else kwargs
+        out, variables = a.module.init_with_output({"params": params_key, "dropout": dropout_key}, *args,
+                                                   method=method, **kw)
+        self.params, self.model_state = a.split_variables(variables)
+        return out
+
+
 def _loss_value(loss: Any) -> jax.Array:
     """The scalar to differentiate: a scalar as is, ``Average`` as total / count."""
     if isinstance(loss, Average):
@@ -341,9 +356,28 @@ class LossStep(Step):
 
     # -- the Step protocol ---------------------------------------------------------
     def init(self, model: Any, batch: Any, key: jax.Array) -> TrainState:
-        inputs = self.split(batch, need_targets=False)[0] if self.form == "simple" else self.example_inputs(batch)
-        params, model_state = self.adapter.init(key, inputs)
+        if self.form == "full" and self.adapter.kind == "linen":
+            params, model_state = self._init_by_loss(batch, key)
+        else:
+            inputs = self.split(batch, need_targets=False)[0] if self.form == "simple" else self.example_inputs(batch)
+            params, model_state = self.adapter.init(key, inputs)
         return TrainState(params=params, model_state=model_state, opt_state=self.tx.init(params))
+
+    def _init_by_loss(self, batch: Any, key: jax.Array) -> tuple[Any, Any]:
+        """linen variables from the first model call the full-form loss makes, in evaluation
+        mode: its arguments need not be in the batch (a VAE's sampling key ``ctx.rng("z")``)."""
+        rows = {getattr(a, "shape", (None,))[:1] for a in jax.tree_util.tree_leaves(batch)}
+        mask = jnp.ones(rows.pop(), jnp.float32) if len(rows) == 1 and None not in rows and () not in rows else None
+
+        def run(batch: Any, key: jax.Array) -> tuple[Any, Any]:
+            ctx = StepContext(key=key, step=jnp.zeros((), jnp.int32), mask=mask, train=False)
+            lctx = _InitContext(ctx, self.adapter, None, {})
+            self.loss_fn(lctx.model, batch, lctx)
+            if lctx.params is None:
+                raise ConfigError(f"the loss {self.loss_name} never calls model(...): nothing to initialise")
+            return lctx.params, lctx.model_state
+
+        return jax.jit(run)(batch, key)
 
     def example_inputs(self, batch: Any) -> Any:
         """The model's inputs in a batch for the full form, for linen's init: the inputs
