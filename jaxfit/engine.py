@@ -18,6 +18,7 @@ from flax import struct
 from jaxfit.errors import ShapeError
 from jaxfit.hyperparams import HyperparamSlot, find_slots, node_at, with_values
 from jaxfit.metrics import Average, MetricState, as_state, merge
+from jaxfit.models import _copy
 from jaxfit.step import Step, StepContext
 
 
@@ -72,7 +73,7 @@ class Engine:
         """The initial ``EngineState`` for ``model`` and an example batch; with
         ``abstract=True`` only its shapes and dtypes (nothing is computed or compiled)."""
         fn = lambda b: self.step.init(model, b, self.init_key)  # noqa: E731
-        state = jax.eval_shape(fn, batch) if abstract else fn(batch)
+        state = jax.eval_shape(fn, batch) if abstract else _unaliased(fn(batch))
         return self.wrap(state, batch, abstract=abstract)
 
     def wrap(self, state: Any, batch: Any, *, abstract: bool = False) -> EngineState:
@@ -211,6 +212,23 @@ class Engine:
 
     def clear(self) -> None:
         self._compiled.clear()
+
+
+def _unaliased(state: Any) -> Any:
+    """``state`` with every array that appears twice copied: the train step donates the
+    state, and XLA refuses to donate one buffer twice (a custom step's init returning
+    ``{"params": params, "ema": params}``)."""
+    seen: set[int] = set()
+
+    def one(a: Any) -> Any:
+        if not isinstance(a, jax.Array):
+            return a
+        if id(a) in seen:
+            return _copy(a)
+        seen.add(id(a))
+        return a
+
+    return jax.tree_util.tree_map(one, state)
 
 
 def apply_schedules(state: Any, slots: dict[str, HyperparamSlot], schedules: dict[str, Callable],

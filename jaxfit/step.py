@@ -258,6 +258,7 @@ class _InitContext(LossContext):
         out, variables = a.module.init_with_output({"params": params_key, "dropout": dropout_key}, *args,
                                                    method=method, **kw)
         self.params, self.model_state = a.split_variables(variables)
+        self.sown = {name: variables[name] for name in a.sown if name in variables}
         return out
 
 
