@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import zlib
 from typing import Any
 
 import jax
@@ -144,10 +145,25 @@ class ModelAdapter:
         args, kwargs = self.arguments(inputs)
         flags = tuple(sorted(self.flag_kwargs(False, kwargs).items()))
 
+        init = _jitted_init(self.module, flags)
+        return self.split_variables(self.init_streams(key, lambda rngs: init(rngs, args, kwargs)))
+
+    def init_streams(self, key: jax.Array, init: Any) -> Any:
+        """``init(rngs)`` with keys for ``"params"``, ``"dropout"`` and every other stream the
+        model asks for while it initialises (seq2seq's ``"lstm"``)."""
         params_key, dropout_key = jax.random.split(key)
-        variables = dict(_jitted_init(self.module, flags)({"params": params_key, "dropout": dropout_key},
-                                                           args, kwargs))
-        return self.split_variables(variables)
+        rngs = {"params": params_key, "dropout": dropout_key}
+        for _ in range(16):
+            try:
+                return init(rngs)
+            except flax_errors.InvalidRngError as e:
+                name = missing_stream(e)
+                if name is None or name in rngs:
+                    raise
+                if name not in self.streams:
+                    self.streams.append(name)
+                rngs = {**rngs, name: jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)}
+        raise ConfigError("the model asks for more than 16 RNG streams while it initialises")
 
     def split_variables(self, variables: Any) -> tuple[Any, Any]:
         """(params, model_state) of linen variables; sown collections are left out."""

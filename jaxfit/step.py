@@ -253,10 +253,10 @@ class _InitContext(LossContext):
         if self.params is not None:
             return super()._call(method, args, kwargs)
         a = self.adapter
-        params_key, dropout_key = jax.random.split(self.key)
         kw = {**a.flag_kwargs(False, kwargs), **kwargs} if method is None else kwargs
-        out, variables = a.module.init_with_output({"params": params_key, "dropout": dropout_key}, *args,
-                                                   method=method, **kw)
+        out, variables = a.init_streams(
+            # mutable=True: linen's init leaves "intermediates" out, and the loss reads ctx.sown.
+            self.key, lambda rngs: a.module.init_with_output(rngs, *args, method=method, mutable=True, **kw))
         self.params, self.model_state = a.split_variables(variables)
         self.sown = {name: variables[name] for name in a.sown if name in variables}
         return out
