@@ -83,9 +83,11 @@ def test_ema_is_used_for_validation_and_matches_the_hand_loop():
         assert abs(raw_loss - ema_loss) > 1e-3  # the EMA params, not the trained ones, were evaluated
     assert_changed(state["ema"], start)
     assert_bitwise(trainer.state, state, "EMA state")
+    assert trainer.trace_counts["train"] == 1  # a custom step compiles once over the run
 
 
 @pytest.mark.slow
 def test_ema_state_resumes_bit_for_bit():
-    check_resume(jaxfit.Trainer(step=EMAStep()), None, data(24), validation_data=data(12, 1), epochs=2,
+    step = EMAStep()  # passed as the model too: see test_programs_gan.py
+    check_resume(jaxfit.Trainer(step=step), step, data(24), validation_data=data(12, 1), epochs=2,
                  batch_size=6)

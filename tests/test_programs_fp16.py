@@ -116,4 +116,5 @@ def test_float16_dynamic_loss_scale_skips_overflows_and_matches_the_hand_loop():
 
 @pytest.mark.slow
 def test_float16_loss_scale_resumes_bit_for_bit():
-    check_resume(jaxfit.Trainer(step=LossScaleStep()), None, data(), epochs=2, batch_size=6)
+    step = LossScaleStep()  # passed as the model too: see test_programs_gan.py
+    check_resume(jaxfit.Trainer(step=step), step, data(), epochs=2, batch_size=6)

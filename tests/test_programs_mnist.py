@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax.training import train_state
 
 from jaxfit import Trainer
@@ -102,6 +103,7 @@ def test_mnist_linen_matches_the_source_step_bit_for_bit():
     assert_bitwise(trainer.opt_state, state.opt_state, "opt_state")
 
 
+@pytest.mark.slow
 def test_mnist_linen_resumes_bit_for_bit():
     check_resume(Trainer(optimizer=tx(), loss=cross_entropy, metrics=["accuracy"]), CNN(), data(30),
                  epochs=2, batch_size=10)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from jaxfit import Trainer
@@ -137,5 +138,6 @@ def test_nnx_tutorial_matches_its_hand_steps_bit_for_bit():
                    "opt_state")
 
 
+@pytest.mark.slow
 def test_nnx_tutorial_resumes_bit_for_bit():
     check_resume(Trainer(optimizer=tx(), loss=loss), CNN(rngs=nnx.Rngs(0)), data(30), epochs=2, batch_size=10)
