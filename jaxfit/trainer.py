@@ -400,6 +400,9 @@ class Trainer:
         if self._model is None:
             raise ConfigError("fit() needs a model the first time: trainer.fit(model, data, ...)")
         args = self._fit_args
+        # initial_params start a new run once and are never kept (a resume must not re-apply
+        # them); a recipe may carry them for its first fit (verify_resume does).
+        initial_params = args.pop("initial_params", None) if initial_params is None else initial_params
         given = dict(data=data, validation_data=validation_data, epochs=epochs, batch_size=batch_size,
                      validation_batch_size=validation_batch_size, shuffle=shuffle,
                      validation_freq=validation_freq, drop_remainder=drop_remainder, verbose=verbose,

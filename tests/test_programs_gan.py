@@ -140,9 +140,6 @@ def test_gan_resumes_bit_for_bit():
     check_resume(jaxfit.Trainer(step=step, steps_per_execution=2), step, data(), epochs=2, batch_size=4)
 
 
-@pytest.mark.xfail(strict=True, raises=jaxfit.DataError, reason="engine bug: jaxfit/trainer.py fit(): a "
-                   "custom step holding its modules, model=None, replaces the recipe's model with the step "
-                   "and _set_model wipes the recipe's fit arguments (fit() needs training data)")
 def test_verify_resume_of_a_custom_step_without_a_model():
     report = jaxfit.Trainer(step=GANStep()).verify_resume(None, data(), epochs=1, batch_size=12, verbose=0)
     assert report, str(report)

@@ -160,8 +160,6 @@ def test_graph_network_resumes_bit_for_bit():
     check_resume(Trainer(optimizer=TX, loss=loss), GraphNet(), make_batches, epochs=2)
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason="engine bug: jaxfit/checkpoint/_recipe.py:105 "
-                   "_host_arrays rebuilds a tuple as type(obj)(generator), which a NamedTuple refuses")
 def test_a_list_of_namedtuple_batches_can_be_checkpointed(tmp_path):
     from jaxfit.callbacks import ModelCheckpoint
 

@@ -136,8 +136,6 @@ class _SeenAtStart(Callback):
             _SeenAtStart.seen.append(host(trainer.params["backbone"]))
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: verify_resume drops initial_params (Trainer.fit does "
-                   "not keep them in its fit arguments, so the recipe's fit() starts from the model's init)")
 def test_verify_resume_starts_from_initial_params():
     backbone = pretrained()
     _SeenAtStart.seen.clear()

@@ -101,6 +101,8 @@ def storable_data(name: str, data: Any, max_data_bytes: int) -> Any:
 
 def _host_arrays(obj: Any) -> Any:
     # Device arrays pickle through a device round trip; numpy arrays load anywhere.
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple (a graph batch)
+        return type(obj)(*(_host_arrays(x) for x in obj))
     if isinstance(obj, (tuple, list)):
         return type(obj)(_host_arrays(x) for x in obj)
     if isinstance(obj, dict):
