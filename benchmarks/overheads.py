@@ -143,9 +143,8 @@ def all_builtin_callbacks(w, epochs: int, workdir: str) -> list:
 def probe(kind: str, workload: str, workdir: str, epochs: int) -> dict:
     """Runs one measurement in this process; `kind` is checkpoint, gap, fresh or resume."""
     import jaxfit.callbacks as cbs
-    from jaxfit import Trainer
-
     from benchmarks.workloads import WORKLOADS
+    from jaxfit import Trainer
 
     w = WORKLOADS[workload]
     x, y = w.data()

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _helpers.run_dirs import run_dir
-from jaxfit.callbacks import LRScheduler, ModelCheckpoint
 
 import jaxfit
 from jaxfit import Trainer
+from jaxfit.callbacks import LRScheduler, ModelCheckpoint
 
 MODES = np.stack([np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], 1) * 2.0
 STD = 0.05

@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
-
 from _helpers.hyperparam_trace import HyperparamTrace
+
 from jaxfit import Callback, HyperparamError, Trainer
 from jaxfit.callbacks import LRScheduler, ReduceOnPlateau
 from jaxfit.datasets import load_digits_images

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import flax.linen as nn
 import optax
+from _helpers.hyperparam_trace import HyperparamTrace
 from rich.console import Console
 from rich.table import Table
 
-from _helpers.hyperparam_trace import HyperparamTrace
 from jaxfit import Trainer
 from jaxfit.callbacks import LRScheduler
 from jaxfit.datasets import load_image_dataset

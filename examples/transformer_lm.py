@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _helpers.run_dirs import run_dir
-from jaxfit.callbacks import LRScheduler, ModelCheckpoint
 
 import jaxfit
 from jaxfit import Trainer
+from jaxfit.callbacks import LRScheduler, ModelCheckpoint
 
 MAX_LEN = 56  # the longest sentence has 53 characters
 SUBJECTS = ["the cat", "a dog", "my old friend", "the small bird", "our teacher", "she", "he"]

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _helpers.run_dirs import run_dir
-from jaxfit.callbacks import ModelCheckpoint
 from sklearn.datasets import load_digits
 
 from jaxfit import Trainer
+from jaxfit.callbacks import ModelCheckpoint
 
 LATENTS = 20
 

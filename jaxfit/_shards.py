@@ -132,12 +132,12 @@ def assemble(records: Sequence[ShardRecord], sharding: jax.sharding.Sharding) ->
         for r in unique:
             lo = [max(a, c) for (a, _), (c, _) in zip(want, r.index)]
             hi = [min(b, d) for (_, b), (_, d) in zip(want, r.index)]
-            if any(h <= l for l, h in zip(lo, hi)):
+            if any(h <= low for low, h in zip(lo, hi)):
                 continue
-            dst = tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, want))
-            src = tuple(slice(l - c, h - c) for l, h, (c, _) in zip(lo, hi, r.index))
+            dst = tuple(slice(low - a, h - a) for low, h, (a, _) in zip(lo, hi, want))
+            src = tuple(slice(low - c, h - c) for low, h, (c, _) in zip(lo, hi, r.index))
             out[dst] = r.data[src]
-            covered += math.prod(h - l for l, h in zip(lo, hi))
+            covered += math.prod(h - low for low, h in zip(lo, hi))
         if covered != out.size:
             raise ShapeError(f"leaf {first.path!r} of shape {shape}: the shard records cover "
                              f"{covered} of the {out.size} elements of slice {want}; a shard "

@@ -59,7 +59,8 @@ def load_state_dict(trainer: Trainer, sd: dict[str, Any]) -> None:
             raise ConfigError("cannot rebuild the state's structure: the checkpoint holds no batch "
                               "shapes and no training data was given; pass data= to restore")
         spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                      trainer._source(data, "training data", batch_size=trainer._fit_args.get("batch_size")).example())
+                                      trainer._source(data, "training data",
+                                                      batch_size=trainer._fit_args.get("batch_size")).example())
     assert trainer._engine is not None
     template = trainer._engine.init_state(trainer._model, spec, abstract=True)
     restored = _tree.from_dict(template, sd["train_state"], "train_state")

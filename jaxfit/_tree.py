@@ -44,7 +44,7 @@ def _key_impl(leaf: Any) -> Any:
 def to_dict(tree: Any) -> dict:
     """Nested dict of numpy arrays; typed PRNG keys become their key data."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    host = jax.device_get([jax.random.key_data(l) if _is_typed_key(l) else l for _, l in leaves])
+    host = jax.device_get([jax.random.key_data(leaf) if _is_typed_key(leaf) else leaf for _, leaf in leaves])
     out: dict = {}
     for (path, leaf), value in zip(leaves, host):
         node = out

@@ -17,8 +17,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import jax
+import numpy as np
 
 from jaxfit._tree import same_structure
 from jaxfit.errors import ConfigError, DataError
@@ -473,7 +473,8 @@ def make_source(data: Any, *, batch_size: int | None, shuffle: bool, seed: int, 
             return ArrayData(data, bs, shuffle=shuffle, seed=seed, what=what,
                              drop_remainder=drop_remainder, pad_multiple=pad_multiple)
         if isinstance(data, dict) or _is_array(data):
-            raise DataError(f"{what}: a dict of data must hold arrays, got {type(leaves[0]).__name__ if leaves else 'nothing'}")
+            got = type(leaves[0]).__name__ if leaves else "nothing"
+            raise DataError(f"{what}: a dict of data must hold arrays, got {got}")
     if callable(data) or hasattr(data, "__iter__"):
         return IterableData(data, what=what, steps_per_epoch=steps_per_epoch)
     raise DataError(

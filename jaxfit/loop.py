@@ -55,7 +55,8 @@ def check_fit_args(args: dict[str, Any]) -> None:
         if args.get(name) is not None and not _positive(args[name]):
             raise ConfigError(f"{name} must be an int >= 1 ({meaning}), got {args[name]!r}")
     if args["verbose"] not in (0, 1, 2, "auto"):
-        raise ConfigError(f"verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), got {args['verbose']!r}")
+        raise ConfigError("verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), "
+                          f"got {args['verbose']!r}")
 
 
 def check_sources(given: dict[str, Any], train: Any, val: Any) -> None:

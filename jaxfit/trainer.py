@@ -306,7 +306,8 @@ class Trainer:
         if m is None:
             rows = [np.arange(ex.rows) < n for n in ex.n_valid]
             arr = np.asarray(rows[0] if len(rows) == 1 else np.stack(rows), np.float32)
-            m = self._masks[key] = self._place_batch(arr, arr.ndim == 2) if self.mesh is not None else jax.device_put(arr)
+            placed = self._place_batch(arr, arr.ndim == 2) if self.mesh is not None else jax.device_put(arr)
+            m = self._masks[key] = placed
         return m
 
     def _source(self, data: Any, what: str, *, batch_size: Any, shuffle: bool = False,
@@ -424,7 +425,8 @@ class Trainer:
             raise DataError("fit() needs training data: trainer.fit(model, (x_train, y_train), ...)")
         loop.check_fit_args(args)
         if self._es is not None and initial_params is not None:
-            raise ConfigError("initial_params= starts a new run; this trainer continues one (fit(model, data) with a new model starts anew)")
+            raise ConfigError("initial_params= starts a new run; this trainer continues one "
+                              "(fit(model, data) with a new model starts anew)")
 
         self.resuming = self._es is not None
         self.run_id = self.run_id or uuid.uuid4().hex

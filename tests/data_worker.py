@@ -50,9 +50,8 @@ def _augment():
 
 
 def loader():
-    import grain
-
     import data_worker  # by module name, so the worker processes can unpickle the parts
+    import grain
 
     return grain.DataLoader(
         data_source=data_worker.Source(),

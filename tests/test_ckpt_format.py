@@ -9,8 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from jaxfit.checkpoint import CheckpointCorruptError, decode_state, encode_state
-from jaxfit.checkpoint import _msgpack
+from jaxfit.checkpoint import CheckpointCorruptError, _msgpack, decode_state, encode_state
 
 
 def _state():

@@ -14,8 +14,7 @@ from conftest import MLP, make_trainer
 
 from jaxfit import Callback, Trainer
 from jaxfit.callbacks import ModelCheckpoint
-from jaxfit.checkpoint import CheckpointError, UntrustedRecipeError, list_checkpoints
-from jaxfit.checkpoint import _io, _lock, _recipe, _writer
+from jaxfit.checkpoint import CheckpointError, UntrustedRecipeError, _io, _lock, _recipe, _writer, list_checkpoints
 from jaxfit.checkpoint._errors import RunLockedError
 from jaxfit.errors import ConfigError, DataError
 

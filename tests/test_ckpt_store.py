@@ -11,11 +11,12 @@ from jaxfit.checkpoint import (
     CheckpointError,
     CheckpointWarning,
     RunWriter,
+    _io,
+    _manifest,
     list_checkpoints,
     read_checkpoint,
     write_checkpoint,
 )
-from jaxfit.checkpoint import _io, _manifest
 from jaxfit.checkpoint._retention import Entry, select_keep
 
 

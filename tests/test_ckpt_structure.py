@@ -14,13 +14,12 @@ from jaxfit.checkpoint import (
     CheckpointCorruptError,
     CheckpointStructureError,
     CheckpointWarning,
+    _io,
     decode_state,
     encode_state,
     read_checkpoint,
     restore,
 )
-from jaxfit.checkpoint import _io
-
 
 base_run, run = run_fixtures(epochs=3)
 

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-
 from ex_support import REPO, png_size, run_example
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]

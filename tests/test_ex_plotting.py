@@ -5,8 +5,8 @@ import sys
 import types
 
 import pytest
-
 from ex_support import png_size
+
 from jaxfit import plotting
 from jaxfit.plotting import Panel, is_learning_rate_key, plot_command, plot_curves, plot_history
 
@@ -128,8 +128,8 @@ def test_creates_missing_parent_folders(tmp_path):
 
 def checkpointed_run(tmp_path, data, **checkpoint_args):
     import optax
-
     from conftest import MLP
+
     from jaxfit import Trainer
     from jaxfit.callbacks import ModelCheckpoint
 
@@ -184,8 +184,8 @@ def test_a_panel_too_wide_for_the_row_starts_the_next_one():
 
 def test_history_plot_of_a_real_fit_draws_loss_metric_and_learning_rate(tmp_path, data):
     import optax
-
     from conftest import MLP
+
     from jaxfit import Trainer
     from jaxfit.callbacks import LearningRateMonitor, LRScheduler
 

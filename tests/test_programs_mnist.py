@@ -21,7 +21,7 @@ import pytest
 from flax.training import train_state
 
 from jaxfit import Trainer
-from tests.programs_support import EpochMean, assert_bitwise, assert_changed, batches, check_resume, fit_args, host
+from tests.programs_support import EpochMean, assert_bitwise, assert_changed, batches, check_resume, fit_args
 
 
 class CNN(nn.Module):

@@ -25,8 +25,7 @@ import pytest
 from flax import nnx
 
 from jaxfit import Trainer
-from tests.programs_support import (EpochMean, assert_bitwise, assert_changed, batches, check_resume, fit_args,
-                                    host, rng)
+from tests.programs_support import EpochMean, assert_bitwise, assert_changed, batches, check_resume, fit_args, host, rng
 
 
 class CNN(nnx.Module):

@@ -31,8 +31,16 @@ from flax.training import train_state
 from jaxfit import Trainer
 from jaxfit.step import stream_key
 from tests.programs_models import seq2seq as models
-from tests.programs_support import (EpochMean, assert_bitwise, assert_changed, batches, check_resume, eval_key,
-                                    fit_args, rng)
+from tests.programs_support import (
+    EpochMean,
+    assert_bitwise,
+    assert_changed,
+    batches,
+    check_resume,
+    eval_key,
+    fit_args,
+    rng,
+)
 
 VOCAB, EOS = 6, 1
 

@@ -18,6 +18,9 @@ from jaxfit.checkpoint._errors import CheckpointStructureError as CheckpointStru
 from jaxfit.checkpoint._errors import DataNotSavedError as DataNotSavedError
 from jaxfit.checkpoint._errors import RunLockedError as RunLockedError
 from jaxfit.checkpoint._errors import UntrustedRecipeError as UntrustedRecipeError
+from jaxfit.checkpoint._load import load_trainer as load_trainer
+from jaxfit.checkpoint._load import restore as restore
+from jaxfit.checkpoint._lock import RunLock as RunLock
 from jaxfit.checkpoint._manifest import CheckpointInfo as CheckpointInfo
 from jaxfit.checkpoint._manifest import scan as list_checkpoints
 from jaxfit.checkpoint._msgpack import decode as decode_state
@@ -25,10 +28,30 @@ from jaxfit.checkpoint._msgpack import encode as encode_state
 from jaxfit.checkpoint._read import CheckpointWarning as CheckpointWarning
 from jaxfit.checkpoint._read import read_checkpoint as read_checkpoint
 from jaxfit.checkpoint._recipe import DataNotSaved as DataNotSaved
-from jaxfit.checkpoint._lock import RunLock as RunLock
-from jaxfit.checkpoint._writer import RunWriter as RunWriter
-from jaxfit.checkpoint._writer import write_checkpoint as write_checkpoint
-from jaxfit.checkpoint._load import load_trainer as load_trainer
-from jaxfit.checkpoint._load import restore as restore
 from jaxfit.checkpoint._verify import ResumeReport as ResumeReport
 from jaxfit.checkpoint._verify import verify_resume as verify_resume
+from jaxfit.checkpoint._writer import RunWriter as RunWriter
+from jaxfit.checkpoint._writer import write_checkpoint as write_checkpoint
+
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointStructureError",
+    "DataNotSavedError",
+    "RunLockedError",
+    "UntrustedRecipeError",
+    "load_trainer",
+    "restore",
+    "RunLock",
+    "CheckpointInfo",
+    "list_checkpoints",
+    "decode_state",
+    "encode_state",
+    "CheckpointWarning",
+    "read_checkpoint",
+    "DataNotSaved",
+    "ResumeReport",
+    "verify_resume",
+    "RunWriter",
+    "write_checkpoint",
+]
