@@ -1,0 +1,86 @@
+"""Where the engine's state lives on a mesh: the glue between ``Trainer(mesh=...)`` and
+``jaxfit.sharding.ShardingPlan``.
+
+The engine's state is built *abstractly* first (``jax.eval_shape`` of the step's ``init``),
+with flax's partitioning boxes (``nn.Partitioned``, ``nn.LogicallyPartitioned``) still in it
+and nnx Variables carrying their ``out_sharding`` metadata. The plan turns that abstract state
+into one ``NamedSharding`` per array; the concrete state is then computed by a jitted init
+whose ``out_shardings`` are those shardings, so no device ever holds a whole sharded param.
+The step itself always sees unboxed arrays (``unbox_linen``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from flax.core import meta
+from jax.sharding import NamedSharding
+
+from jaxfit.errors import ConfigError
+
+
+def _is_linen_box(x: Any) -> bool:
+    return isinstance(x, meta.AxisMetadata)
+
+
+def unbox_linen(tree: Any) -> Any:
+    """``tree`` with every linen metadata box (``nn.Partitioned``, ...) replaced by its value.
+
+    nnx Variables are kept: an nnx state must stay a state of Variables to be merged back
+    into its module. The layout a box asked for is read by the plan before unboxing.
+    """
+    if not any(_is_linen_box(x) for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_linen_box)):
+        return tree
+    from jaxfit.sharding import unbox
+
+    return jax.tree_util.tree_map(lambda x: unbox(x) if _is_linen_box(x) else x, tree,
+                                  is_leaf=_is_linen_box)
+
+
+def expand(shardings: Any, tree: Any) -> Any:
+    """The sharding tree ``shardings`` (a prefix of ``tree``, one entry per box) broadcast to
+    every array leaf of ``tree``: a full tree for ``jax.jit`` and ``tree_map``."""
+    return jax.tree_util.tree_map(lambda s, x: jax.tree_util.tree_map(lambda _: s, x), shardings, tree)
+
+
+def state_shardings(plan: Any, boxed: Any, unboxed: Any, params: Any) -> Any:
+    """One NamedSharding per array leaf of ``unboxed`` (the engine's abstract state).
+
+    ``boxed`` is the same state with the linen boxes still in it (what the plan reads the
+    annotations from) and ``params`` its params (what every other leaf is matched to by path
+    suffix and shape: optimizer state, EMA copies).
+    """
+    return expand(plan.shardings(boxed, params), unboxed)
+
+
+def place_host(tree: Any, shardings: Any) -> Any:
+    """Host arrays of global shape onto their shardings, each device receiving its slice only
+    (``jax.make_array_from_callback``). Typed PRNG keys (replicated scalars) are put whole."""
+
+    def place(a: Any, s: NamedSharding) -> jax.Array:
+        if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.device_put(a, s)
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
+
+    return jax.tree_util.tree_map(place, tree, shardings)
+
+
+def check_snapshot(tree: Any) -> None:
+    """Refuse to snapshot a state that this process cannot read whole.
+
+    A leaf sharded across processes (FSDP or tensor parallel over several hosts) has parts on
+    other machines; ``jax.device_get`` cannot fetch it.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable and not leaf.is_fully_replicated:
+            from jaxfit.sharding import path_str
+
+            raise ConfigError(
+                f"state leaf {path_str(path)!r} is sharded across processes "
+                f"({leaf.sharding.spec} on mesh {dict(leaf.sharding.mesh.shape)}): a "
+                "checkpoint of it needs the sharded checkpoint format, which jaxfit does not "
+                "write yet. Shard only within a process (mesh axes whose devices are one "
+                "host's) or replicate the state across hosts (data-parallel)")
