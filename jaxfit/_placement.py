@@ -55,6 +55,30 @@ def state_shardings(plan: Any, boxed: Any, unboxed: Any, params: Any) -> Any:
     return expand(plan.shardings(boxed, params), unboxed)
 
 
+def unalias(tree: Any) -> Any:
+    """``tree`` with every array that shares its buffers with an earlier leaf copied.
+
+    A step's init may put one array in two places (``{"params": p, "ema": p}``), and a
+    jitted init may return one buffer for two equal outputs; the train step donates the
+    whole state, and XLA refuses to donate a buffer twice.
+    """
+    seen: set[Any] = set()
+
+    def fresh(a: Any) -> Any:
+        if not isinstance(a, jax.Array):
+            return a
+        try:
+            key = tuple(s.data.unsafe_buffer_pointer() for s in a.addressable_shards)
+        except Exception:  # noqa: BLE001 - typed PRNG keys and other exotic arrays
+            key = ("id", id(a))
+        if key in seen:
+            return jax.device_put(a, a.sharding, may_alias=False)
+        seen.add(key)
+        return a
+
+    return jax.tree_util.tree_map(fresh, tree)
+
+
 def place_host(tree: Any, shardings: Any) -> Any:
     """Host arrays of global shape onto their shardings, each device receiving its slice only
     (``jax.make_array_from_callback``). Typed PRNG keys (replicated scalars) are put whole."""

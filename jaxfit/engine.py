@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxfit._placement import state_shardings, unbox_linen
+from jaxfit._placement import state_shardings, unalias, unbox_linen
 from jaxfit.errors import ConfigError, ShapeError
 from jaxfit.hyperparams import HyperparamSlot, find_slots, node_at, with_values
 from jaxfit.metrics import Average, MetricState, as_state, merge
@@ -85,7 +85,7 @@ class Engine:
         """
         fn = lambda b: self.step.init(model, b, self.init_key)  # noqa: E731
         if plan is None and not abstract:
-            return self.wrap(unbox_linen(fn(batch)), batch)
+            return self.wrap(unalias(unbox_linen(fn(batch))), batch)
         boxed = jax.eval_shape(fn, batch)
         es = self.wrap(unbox_linen(boxed), batch, abstract=True)
         if plan is not None:
@@ -99,7 +99,7 @@ class Engine:
             return es
         # The jitted init writes every shard straight onto its device.
         init = jax.jit(lambda b: unbox_linen(fn(b)), out_shardings=self.shardings.state)
-        return EngineState(step=jnp.zeros((), jnp.int32), state=init(batch),
+        return EngineState(step=jnp.zeros((), jnp.int32), state=unalias(init(batch)),
                            hp_scales={n: jnp.ones((), jnp.float32) for n in self.slots},
                            metrics=self.zero_metrics("train"))
 
