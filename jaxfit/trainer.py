@@ -567,11 +567,13 @@ class Trainer:
         device count saved it; without ``mesh=`` the run resumes on one device.
         """
         args = {**recipe["trainer"], **overrides}
-        if args.get("mesh") is None:
-            for name in ("rules", "param_rules", "data_axes"):
-                if name not in overrides:
-                    args.pop(name, None)
+        # On one device the layout is kept (unused) so that the run's next checkpoints
+        # still carry it to a later resume on a mesh.
+        layout = {n: args.pop(n) for n in ("rules", "param_rules", "data_axes")
+                  if n in args and args.get("mesh") is None and n not in overrides}
         trainer = cls(**args)
+        for name, value in layout.items():
+            setattr(trainer, name, value)
         trainer._set_model(recipe["model"])
         trainer._user_callbacks = list(recipe.get("callbacks", []))
         trainer._fit_args = dict(recipe.get("fit", {}))
