@@ -63,7 +63,7 @@ def one_run(width: int, background: bool | None, steps: int, every: int) -> dict
         callbacks = [clock] if background is None else [cb, clock]
         trainer = Trainer(optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=1e-3))
         trainer.fit(MLP(width), (x, y), epochs=2, batch_size=32, shuffle=False,
-                    callbacks=callbacks)
+                    callbacks=callbacks, verbose=0)
     n = steps // every  # saves of the second epoch (and the fit-end wait) only
     return {"epoch2": clock.seconds, "blocked": cb.stats.blocking[-n:],
             "write": cb.stats.write[-n:], "device": cb.stats.device_wait[-n:],

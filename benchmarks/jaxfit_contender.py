@@ -72,6 +72,7 @@ def run_jaxfit(
     history = trainer.fit(
         w.make_model(), (x, y), epochs=epochs, batch_size=w.batch_size,
         callbacks=[*extra, Timing()],
+        verbose=0,  # plain means plain: no default progress bar (the everyday set has its own)
     )
     return {
         "final_loss": history.history["loss"][-1],

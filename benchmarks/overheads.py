@@ -88,7 +88,7 @@ def _wait_first() -> type:
         order = 99
 
         def on_epoch_end(self, trainer, logs) -> None:
-            jax.block_until_ready(trainer.state)
+            jax.block_until_ready(trainer.engine_state)
 
     return WaitForSteps
 
@@ -156,7 +156,7 @@ def probe(kind: str, workload: str, workdir: str, epochs: int) -> dict:
             ckpt = _timed_checkpoint(cbs.ModelCheckpoint, blocked)(
                 os.path.join(workdir, f"bg{background}"), background=background)
             _trainer(w).fit(w.make_model(), (x, y), epochs=epochs, batch_size=w.batch_size,
-                            callbacks=[_wait_first()(), ckpt])
+                            callbacks=[_wait_first()(), ckpt], verbose=0)
             out["background" if background else "inline"] = statistics.median(blocked[1:])
         return out
     if kind == "gap":
@@ -165,7 +165,7 @@ def probe(kind: str, workload: str, workdir: str, epochs: int) -> dict:
                              ("all_builtin", all_builtin_callbacks(w, epochs, workdir))):
             gap = EpochGap(w.batches)
             _trainer(w).fit(w.make_model(), (x, y), epochs=epochs, batch_size=w.batch_size,
-                            callbacks=[*extra, gap])
+                            callbacks=[*extra, gap], verbose=0)
             out[label] = statistics.median(gap.gaps[1:] or gap.gaps)
             out[f"{label}_callbacks"] = [type(c).__name__ for c in extra]
         return out
@@ -174,7 +174,7 @@ def probe(kind: str, workload: str, workdir: str, epochs: int) -> dict:
     T0[0] = time.perf_counter()
     if kind == "fresh":
         _trainer(w).fit(w.make_model(), (x, y), epochs=epochs, batch_size=w.batch_size,
-                        callbacks=[cbs.ModelCheckpoint(run_dir), first])
+                        callbacks=[cbs.ModelCheckpoint(run_dir), first], verbose=0)
         return {"first_step_s": first.seconds}
     trainer = Trainer.load(run_dir)  # its callbacks, FirstStep included, come from the run
     trainer.fit(epochs=epochs + 1)

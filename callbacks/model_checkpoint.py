@@ -12,6 +12,8 @@ import jax
 import numpy as np
 
 from jaxfit.callback import Callback
+from jaxfit.checkpoint._errors import CheckpointError
+from jaxfit.checkpoint._lock import RunLock
 from jaxfit.checkpoint._recipe import DEFAULT_MAX_DATA_BYTES, pack_recipe
 from jaxfit.checkpoint._writer import RunWriter, SaveStats
 from jaxfit.errors import ConfigError
@@ -60,6 +62,13 @@ class ModelCheckpoint(Callback):
 
     Retention keeps two separate guarantees: the ``keep_last`` newest checkpoints, and the
     ``keep_best`` best ones by ``monitor``. A best checkpoint never displaces the newest.
+
+    A run directory has one writer at a time: the fit holds the directory's lock file
+    (``writer.lock``, an ``flock`` the kernel releases however the process ends) from its
+    very start, before any data is read, and a second writer is refused then with an error
+    naming the holder's pid and host. Several ModelCheckpoints in one fit write into
+    separate directories (e.g. the latest every N steps in one, the best per epoch in
+    another); each has its own ``state_key``, derived from its directory.
 
     Args:
         directory: the run directory (created if missing).
@@ -127,16 +136,27 @@ class ModelCheckpoint(Callback):
         self.max_data_bytes, self.background = max_data_bytes, background
         self.stats = SaveStats()
         self.skipped_nonfinite: list[int] = []
+        # Fixed at construction: a loaded run pointed at a moved directory keeps its key.
+        self._state_key = f"ModelCheckpoint[{os.fspath(directory)}]"
+        self._lock: RunLock | None = None
         self._writer: RunWriter | None = None
         self._saved_at: tuple[int, int] | None = None
         self._last_time = 0.0
         self._last_logs: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        # Pickled into the recipe: no thread, no timings of this process.
+        # Pickled into the recipe: no thread, no lock, no timings of this process.
         state = dict(self.__dict__)
-        state.update(_writer=None, _saved_at=None, _last_logs={}, stats=SaveStats())
+        state.update(_writer=None, _lock=None, _saved_at=None, _last_logs={},
+                     stats=SaveStats())
         return state
+
+    @property
+    def state_key(self) -> str:
+        """``"ModelCheckpoint[<directory>]"``: distinct for each directory, so a fit can have
+        one ModelCheckpoint per directory. (Recipes of older versions, pickled without it,
+        keep the key ``"ModelCheckpoint"``; the callback has no state to restore.)"""
+        return getattr(self, "_state_key", None) or "ModelCheckpoint"
 
     @staticmethod
     def _position(trainer: Trainer) -> tuple[int, int]:
@@ -145,25 +165,56 @@ class ModelCheckpoint(Callback):
         return trainer.step, trainer.batch_in_epoch
 
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer) -> None:
+        """Claims the run directory before any work: creates it, takes its writer lock and
+        refuses a directory holding another run's checkpoints or a full file system."""
+        self._release()  # left by a previous fit of this callback that ended before on_fit_end
+        if jax.process_index() != 0:
+            # Multi-host data parallelism: the state is replicated, process 0 writes it.
+            _refuse_another_run(self.directory, trainer)
+            return
+        directory = self._make_directory()
+        self._lock = RunLock.acquire(directory, run_id=trainer.run_id, owner=self,
+                                     trainer=trainer)
+        try:
+            _refuse_another_run(directory, trainer)
+            _check_space(directory, 1)
+        except BaseException:
+            self._release()
+            raise
+
     def on_fit_start(self, trainer: Trainer) -> None:
         if self.monitor is not None:
             trainer.check_monitor(self.monitor, self)
         self.stats = SaveStats()
         self.skipped_nonfinite = []
-        _refuse_another_run(self.directory, trainer)
         if jax.process_index() != 0:
-            # Multi-host data parallelism: the state is replicated, one process writes it.
             self._writer = None
             return
-        self._writer = RunWriter(self.directory, keep_last=self.keep_last,
-                                 keep_best=self.keep_best, monitor=self.monitor,
-                                 mode=self._mode, background=self.background)
-        self._writer.stats = self.stats
+        if self._lock is None or not self._lock.held:
+            self.setup(trainer)  # an engine that does not call setup: claim the directory now
         recipe = trainer.recipe()
         # Which callback wrote the run, so a load can point it at the directory it came from.
         recipe["checkpoint"] = {"callback_index": next(
             (i for i, cb in enumerate(recipe.get("callbacks", [])) if cb is self), None)}
-        self._writer.set_recipe(pack_recipe(recipe, self.max_data_bytes))
+        payload = pack_recipe(recipe, self.max_data_bytes)
+        state_bytes = sum(int(getattr(leaf, "nbytes", 0))
+                          for leaf in jax.tree_util.tree_leaves(trainer.state))
+        _check_space(self.directory, state_bytes + len(payload))
+        try:
+            self._writer = RunWriter(self.directory, keep_last=self.keep_last,
+                                     keep_best=self.keep_best, monitor=self.monitor,
+                                     mode=self._mode, background=self.background,
+                                     run_id=trainer.run_id)
+            self._writer.set_recipe(payload)
+        except OSError as err:
+            self._writer = None
+            raise CheckpointError(
+                f"ModelCheckpoint: cannot write the run's recipe into {self.directory} ({err}). "
+                "Free space on its file system or pass another directory; nothing was "
+                "trained yet"
+            ) from err
+        self._writer.stats = self.stats
         self._saved_at = self._position(trainer)  # a loaded state is already on disk
         self._last_time = time.monotonic()
         self._last_logs = {}
@@ -185,8 +236,14 @@ class ModelCheckpoint(Callback):
             self._save(trainer, "epoch")
 
     def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
-        if self._writer is None:
-            return
+        try:
+            if self._writer is not None:
+                self._finish(trainer, logs)
+        finally:
+            self._writer = None
+            self._release()  # only once every write is on disk (or failed)
+
+    def _finish(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         failed = logs.get("exception") is not None
         try:
             # After an error the state may be half-updated (or donated away): never save it.
@@ -199,9 +256,39 @@ class ModelCheckpoint(Callback):
         except Exception as err:
             if not failed:
                 raise
-            warnings.warn(f"ModelCheckpoint: a checkpoint write failed too: {err}", stacklevel=2)
-        finally:
-            self._writer = None
+            warnings.warn(f"ModelCheckpoint: a checkpoint write failed too: {err}", stacklevel=3)
+
+    def teardown(self, trainer: Trainer) -> None:
+        # Also after a fit that failed between setup and on_fit_start (nothing in flight then).
+        self._release()
+
+    def _release(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def _make_directory(self) -> Path:
+        directory = self.directory
+        if os.path.lexists(directory) and not directory.is_dir():
+            raise ConfigError(
+                f"ModelCheckpoint: {directory} exists and is not a directory; ModelCheckpoint "
+                "writes a run directory there. Move the file away or pass another directory"
+            )
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            blocker = next((p for p in directory.parents if p.exists() and not p.is_dir()),
+                           directory)
+            raise ConfigError(
+                f"ModelCheckpoint: cannot create the run directory {directory}: {blocker} is "
+                "a file, not a directory. Pass a directory path that does not go through a file"
+            ) from None
+        except OSError as err:
+            raise CheckpointError(
+                f"ModelCheckpoint: cannot create the run directory {directory} ({err}); it "
+                "must be writable, with space left on its file system"
+            ) from err
+        return directory
 
     # ------------------------------------------------------------------ saving
     def _save(self, trainer: Trainer, reason: str) -> None:
@@ -241,6 +328,26 @@ def _all_finite(tree: Any) -> bool:
         return all(_all_finite(v) for v in tree.values())
     arr = np.asarray(tree)
     return not np.issubdtype(arr.dtype, np.inexact) or bool(np.isfinite(arr).all())
+
+
+def _check_space(directory: Path, need: int) -> None:
+    """Refuses to start a fit whose first checkpoint cannot fit on the file system.
+
+    ``need`` is about one checkpoint's size (the state plus the recipe). File systems that
+    report no sizes (some network and FUSE ones) are not checked.
+    """
+    try:
+        fs = os.statvfs(directory)
+    except (AttributeError, OSError):  # Windows, or a file system without statvfs
+        return
+    blocks = fs.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else fs.f_bavail
+    free = blocks * fs.f_frsize
+    if fs.f_blocks > 0 and free < need:
+        raise CheckpointError(
+            f"ModelCheckpoint: the file system holding {directory} has {free / 2**20:.1f} MiB "
+            f"free, less than a checkpoint of this run needs (about {need / 2**20:.1f} MiB). "
+            "Free space there or pass another directory; nothing was trained yet"
+        )
 
 
 def _refuse_another_run(directory: Path, trainer: Trainer) -> None:

@@ -28,18 +28,26 @@ def flat_per_example(values: jax.Array, batch: int) -> jax.Array:
     return values.reshape(batch, -1).mean(axis=1) if values.ndim > 1 else values
 
 
-def per_example(fn: Callable[[Any, Any], Any], name: str) -> PerExample:
+def per_example(fn: Callable[[Any, Any], Any], name: str, strict: bool = False) -> PerExample:
     """Wrap a user ``fn(outputs, targets)`` so that it returns one value per example.
 
     ``fn`` may return per-example values of shape (B,) or (B, ...), which are used as they
     are (non-batch axes averaged), or a scalar batch mean, in which case it is evaluated
     per example through ``jax.vmap`` — exact for any loss or metric that is a mean over
     examples (not for batch-level statistics such as AUC, which need per-example output).
+    With ``strict`` (metrics), values of shape (B, ...) are refused rather than averaged:
+    a metric returning (B, classes) is almost always a mistake.
     """
 
     def wrapped(outputs: Any, targets: Any) -> jax.Array:
         batch = batch_size_of(outputs)
         out = jnp.asarray(fn(outputs, targets))
+        if strict and out.ndim > 1:
+            raise ShapeError(
+                f"metric {name} returned shape {out.shape} for a batch of {batch}: a metric returns "
+                f"one value per example, shape ({batch},), or a batch mean; reduce the other axes "
+                "(e.g. .mean(axis=-1)) or return jaxfit.metrics.Average(total, count)"
+            )
         if out.ndim >= 1 and out.shape[0] == batch:
             return flat_per_example(out, batch)
         if out.ndim == 0:
@@ -74,7 +82,7 @@ def resolve(spec: str | Callable, registry: Mapping[str, Callable], kind: str) -
         if name == "<lambda>":
             name = kind
         builtin = getattr(spec, "_jaxfit_per_example", False)
-        return name, spec if builtin else per_example(spec, name)
+        return name, spec if builtin else per_example(spec, name, strict=kind == "metric")
     raise ConfigError(f"{kind} must be a name or a callable fn(outputs, targets), got {spec!r}")
 
 

@@ -23,6 +23,7 @@ HOOKS = (
     "on_validation_end",
     "on_epoch_end",
     "on_fit_end",
+    "teardown",
 )
 
 
@@ -48,8 +49,10 @@ class Callback:
       ``{"val_loss": float, "val_<metric>": float, ...}``.
     * ``on_epoch_end(trainer, logs)`` — the epoch's train and validation loss and metrics
       as floats. Keys a callback adds to ``logs`` are recorded by ``History``.
-    * ``on_fit_end(trainer, logs)`` — runs however ``fit`` ends, with
+    * ``on_fit_end(trainer, logs)`` — runs however ``fit`` ends once it has started, with
       ``{"stop_reason": str | None, "exception": BaseException | None}``.
+    * ``teardown(trainer)`` — the very last thing ``fit`` does, whenever ``setup`` ran, even
+      when the fit failed before it started (a data error, say): release what ``setup`` took.
 
     Callbacks run sorted by ``order`` (lower first, ties in the order given). A callback
     with state implements ``state_dict``/``load_state_dict``; the state is saved in every
@@ -89,6 +92,7 @@ class Callback:
     def on_validation_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
     def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None: ...
+    def teardown(self, trainer: Trainer) -> None: ...
 
 
 def _overrides(callback: Callback, hook: str) -> bool:

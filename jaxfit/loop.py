@@ -56,7 +56,6 @@ def progress_callbacks(callbacks: list[Callback], verbose: int | str) -> list[Ca
 
 def fit(trainer: Trainer, train: Any, val: Any) -> History:
     """Run the fit whose sources and configuration the trainer has prepared."""
-    trainer.stop_training, trainer.stop_reason, trainer._signal = False, None, None
     epochs = trainer.fit_config["epochs"]
     if 0 < epochs <= trainer._epochs_completed and trainer.batch_in_epoch == 0:
         warnings.warn(
@@ -66,22 +65,25 @@ def fit(trainer: Trainer, train: Any, val: Any) -> History:
             f"{trainer._epochs_completed + epochs})); to start over, fit a new model object.",
             UserWarning, stacklevel=3)
     error: BaseException | None = None
-    with _signals(trainer):
-        try:
-            trainer.callbacks.call("on_fit_start", trainer)
-            _run(trainer, train, val, epochs)
-            if trainer._signal is not None:
-                trainer.stop_reason = trainer._signal
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            trainer._epoch_under_way = None
-            step = trainer._step_obj
-            if error is None and isinstance(step, LossStep):
-                step.adapter.sync_module(trainer.state.params, trainer.state.model_state)
-            trainer.callbacks.call("on_fit_end", trainer, {"stop_reason": trainer.stop_reason, "exception": error})
+    first_step = trainer._step
+    try:
+        trainer.callbacks.call("on_fit_start", trainer)
+        _run(trainer, train, val, epochs)
+        if trainer._signal is not None:
+            trainer.stop_reason = trainer._signal
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        trainer._epoch_under_way = None
+        step = trainer._step_obj
+        if error is None and isinstance(step, LossStep):
+            step.adapter.sync_module(trainer.state.params, trainer.state.model_state)
+        trainer.callbacks.call("on_fit_end", trainer, {"stop_reason": trainer.stop_reason, "exception": error})
     if trainer._signal == "preempted":
+        if trainer._step == first_step:
+            raise Preempted("training preempted by SIGTERM before its first step: nothing was "
+                            "trained in this fit, so no checkpoint was due")
         raise Preempted()
     if trainer._signal == "interrupted":
         raise KeyboardInterrupt
@@ -153,7 +155,9 @@ def _reset_metrics(trainer: Trainer) -> None:
 
 
 @contextlib.contextmanager
-def _signals(trainer: Trainer) -> Iterator[None]:
+def signals(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM and SIGINT stop the fit at the next step boundary (a second Ctrl-C at once);
+    the previous handlers are back in place when the fit ends."""
     if not trainer.handle_signals or threading.current_thread() is not threading.main_thread():
         yield
         return

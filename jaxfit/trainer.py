@@ -444,6 +444,16 @@ class Trainer:
         self.run_id = self.run_id or uuid.uuid4().hex
         self.callbacks = CallbackList([*loop.progress_callbacks(self._user_callbacks, args["verbose"]),
                                        self.history])
+        self.stop_training, self.stop_reason, self._signal = False, None, None
+        # From here on SIGTERM / Ctrl-C stop the fit cleanly, during set-up and
+        # initialisation too (they take effect before the first step).
+        with loop.signals(self):
+            try:
+                return self._prepare_and_run(args, initial_params)
+            finally:
+                self.callbacks.call("teardown", self)
+
+    def _prepare_and_run(self, args: dict[str, Any], initial_params: Any) -> History:
         self.callbacks.call("setup", self)
 
         train = self._source(args["data"], "training data", batch_size=args.get("batch_size"),
@@ -574,7 +584,8 @@ class Trainer:
         trainer = cls(**args)
         for name, value in layout.items():
             setattr(trainer, name, value)
-        trainer._set_model(recipe["model"])
+        model = recipe["model"]
+        trainer._set_model(trainer.custom_step if model is None and trainer.custom_step is not None else model)
         trainer._user_callbacks = list(recipe.get("callbacks", []))
         trainer._fit_args = dict(recipe.get("fit", {}))
         trainer._batch_spec = recipe.get("batch_spec")

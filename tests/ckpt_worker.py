@@ -8,6 +8,11 @@ Usage: python tests/ckpt_worker.py MODE RUN_DIR OUT [STEP]
          the step-STEP checkpoint is being written
   term   train with checkpoints; SIGTERM itself at step STEP (expects exit status 143)
   resume Trainer.load(RUN_DIR).fit(), dump to OUT
+  hold   train with checkpoints (no kill)
+
+Every run with checkpoints also has a Hold callback: with CKPT_HOLD_DIR set, it prints each
+step ("step N") and waits after the first step of the process until CKPT_HOLD_DIR/release
+exists, having created CKPT_HOLD_DIR/held-<pid> (the concurrency tests' rendezvous).
 """
 
 import os
@@ -76,6 +81,32 @@ class Killer(Callback):
             self._kill(trainer)
 
 
+class Hold(Callback):
+    """See the module docstring: a rendezvous point for the concurrency tests."""
+
+    order = 310
+
+    def __init__(self):
+        self.fired = False
+
+    def on_train_batch_end(self, trainer, logs):
+        hold_dir = os.environ.get("CKPT_HOLD_DIR")
+        if not hold_dir:
+            return
+        print(f"step {trainer.step}", flush=True)
+        if self.fired:
+            return
+        self.fired = True
+        import time
+
+        open(os.path.join(hold_dir, f"held-{os.getpid()}"), "w").close()
+        deadline = time.monotonic() + 240
+        while not os.path.exists(os.path.join(hold_dir, "release")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("Hold: never released")
+            time.sleep(0.02)
+
+
 def data():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(50, 6)).astype(np.float32)
@@ -87,7 +118,7 @@ def dump(trainer, history, out):
               "model_state": jax.device_get(trainer.model_state),
               "history": history.history, "step": trainer.step, "epoch": trainer.epoch,
               "callbacks": {k: v for k, v in trainer.state_dict()["callbacks"].items()
-                            if k not in ("Killer", "ModelCheckpoint")}}
+                            if k not in ("Killer", "Hold") and not k.startswith("ModelCheckpoint")}}
     with open(out, "wb") as f:
         pickle.dump(result, f)
 
@@ -133,10 +164,12 @@ def main(mode, run_dir, out, step=None):
     if mode != "full":
         callbacks.append(ModelCheckpoint(run_dir, monitor="val_loss", every_n_steps=5,
                                          keep_last=2, keep_best=1))
-        sig = signal.SIGTERM if mode == "term" else signal.SIGKILL
-        callbacks.append(Killer(int(step), sig, wait=mode.startswith("kill"),
-                                epoch_end=mode == "kill_epoch",
-                                mid_write_in=run_dir if mode == "race" else None))
+        callbacks.append(Hold())
+        if mode != "hold":
+            sig = signal.SIGTERM if mode == "term" else signal.SIGKILL
+            callbacks.append(Killer(int(step), sig, wait=mode.startswith("kill"),
+                                    epoch_end=mode == "kill_epoch",
+                                    mid_write_in=run_dir if mode == "race" else None))
     history = trainer.fit(Net(), train, validation_data=val, epochs=EPOCHS, batch_size=16,
                           callbacks=callbacks)
     dump(trainer, history, out)

@@ -123,9 +123,9 @@ def test_run_without_valid_checkpoints_lists_the_problems(tmp_path):
     with pytest.raises(CheckpointError, match="holds no checkpoints"):
         read_checkpoint(tmp_path)
     (_write(tmp_path, 1, 10) / "manifest.json").unlink()
-    with pytest.warns(CheckpointWarning):
-        with pytest.raises(CheckpointError, match=r"(?s)no valid checkpoint.*ckpt-000001-step10"):
-            read_checkpoint(tmp_path)
+    # No warning when nothing loads: the error lists every problem once.
+    with pytest.raises(CheckpointError, match=r"(?s)no valid checkpoint.*ckpt-000001-step10"):
+        read_checkpoint(tmp_path)
 
 
 # keep_last / keep_best retention table: scores by seq, "min" mode.
@@ -188,3 +188,23 @@ def test_recipe_files_no_checkpoint_refers_to_are_removed(tmp_path):
     writer.wait()
     assert not (tmp_path / first).exists() and (tmp_path / writer.recipe_ref["file"]).exists()
     assert _manifest.read_latest_pointer(tmp_path) == "ckpt-000002-step2"
+
+
+def test_a_checkpoint_deleted_while_it_is_read_is_looked_for_again(tmp_path, monkeypatch):
+    from jaxfit.checkpoint import _read
+
+    _write(tmp_path, 1, 10)
+    doomed = _write(tmp_path, 2, 20)
+    read_one = _read.read_one
+
+    def retention_strikes(ckpt_dir, max_bytes):
+        # A writer's retention removes the newest between the reader's scan and its read
+        # (as when it writes a newer one): no warning, the rescan finds what is there.
+        if ckpt_dir == doomed:
+            _io.remove_dir(doomed)
+            _write(tmp_path, 3, 30)
+        return read_one(ckpt_dir, max_bytes)
+
+    monkeypatch.setattr(_read, "read_one", retention_strikes)
+    path, manifest, _ = read_checkpoint(tmp_path)
+    assert path.name == "ckpt-000003-step30" and manifest["step"] == 30

@@ -70,3 +70,18 @@ def test_shape_mismatch_names_both_shapes():
 def test_top_k_needs_positive_k():
     with pytest.raises(ValueError, match="k >= 1"):
         metrics.top_k_accuracy(0)
+
+
+def test_a_metric_returning_more_than_one_value_per_example_is_refused():
+    fn = per_example(lambda o, t: o - t, "delta", strict=True)
+    with pytest.raises(ShapeError, match=r"metric delta returned shape \(2, 3\).*one value per example"):
+        fn(jnp.zeros((2, 3)), jnp.zeros((2, 3)))
+
+
+def test_bf16_logits_are_reduced_in_float32():
+    x = jnp.array([[3.1, -2.2, 0.7, 1.3]] * 2, jnp.bfloat16)
+    labels = jnp.array([2, 0])
+    got = losses.softmax_cross_entropy(x, labels)
+    want = optax.softmax_cross_entropy_with_integer_labels(x.astype(jnp.float32), labels)
+    assert got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, want)

@@ -30,3 +30,10 @@ class UntrustedRecipeError(CheckpointError, PermissionError):
 
 class DataNotSavedError(CheckpointError):
     """The run's training data was not stored with the recipe, so it must be passed again."""
+
+
+class RunLockedError(CheckpointError):
+    """Another writer holds the run directory: one run directory has one writer at a time.
+
+    Raised when a fit starts, before any work. The message names the holder's pid and host.
+    """

@@ -5,20 +5,150 @@ the directory are fsynced, and one ``rename`` puts it in place: a kill at any in
 either no checkpoint or a complete one, and never touches an earlier one. Small files (the
 ``latest`` pointer, the recipe) are replaced the same way, through a temporary file and
 ``os.replace``.
+
+Reading is defensive (a run directory may come from anywhere): :func:`read_regular` and
+:func:`sha256_regular` open only regular files, never follow a symbolic link, never block on
+a FIFO or a device, and check the size against the caller's limits before reading a byte.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import os
 import re
 import shutil
+import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from jaxfit.checkpoint._errors import CheckpointCorruptError
+
 TMP_PREFIX = ".tmp-"
-_TMP_RE = re.compile(r"^\.tmp-(\d+)-")
+# ".tmp-<pid>-<host tag>.<process start time>-<final name>"; names written by older
+# versions have the pid only (".tmp-<pid>-<final name>").
+_TMP_RE = re.compile(r"^\.tmp-(\d+)-(?:([0-9a-f]{8})\.(\d+)-)?")
+_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _open_regular(path: Path) -> tuple[int, int]:
+    """Opens ``path`` for reading if it is a regular file (not a link, FIFO or device).
+
+    Returns:
+      ``(file descriptor, size in bytes)``.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      CheckpointCorruptError: ``path`` is not a regular file, or cannot be opened.
+    """
+    # lstat first: a FIFO or device is refused without being opened (opening some devices
+    # has side effects); O_NOFOLLOW and O_NONBLOCK close the race of a swap in between.
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # a parent that is a file, no permission, ...
+        raise CheckpointCorruptError(f"{path} cannot be read ({err})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointCorruptError(
+            f"{path} is a {_kind(info.st_mode)}, not a regular file: a checkpoint's files are "
+            "plain files inside it (copy the file itself instead of linking to it)"
+        )
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise CheckpointCorruptError(f"{path} is a symbolic link, not a regular file") from None
+        raise CheckpointCorruptError(f"{path} cannot be opened ({err})") from None
+    opened = os.fstat(fd)
+    if not stat.S_ISREG(opened.st_mode) or (opened.st_dev, opened.st_ino) != (
+            info.st_dev, info.st_ino):
+        os.close(fd)
+        raise CheckpointCorruptError(f"{path} was replaced while it was being opened")
+    return fd, opened.st_size
+
+
+def _read_into(fd: int, view: memoryview) -> int:
+    if hasattr(os, "readv"):  # straight into the buffer: no second copy of a large state
+        return os.readv(fd, [view])
+    block = os.read(fd, min(len(view), 1 << 24))
+    view[:len(block)] = block
+    return len(block)
+
+
+def _check_size(path: Path, size: int, limit: int, expected: int | None,
+                limit_hint: str) -> None:
+    if expected is not None and size != expected:
+        raise CheckpointCorruptError(
+            f"{path} has {size} bytes, the manifest recorded {expected} (truncated or modified)"
+        )
+    if size > limit:
+        raise CheckpointCorruptError(f"{path}: {size} bytes is more than {limit_hint}")
+
+
+def read_regular(path: Path, *, limit: int, expected: int | None = None,
+                 limit_hint: str | None = None) -> bytearray:
+    """The bytes of a regular file, refused unless it has ``expected`` bytes and at most
+    ``limit`` (both checked before anything is read). Read once, into one buffer.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      CheckpointCorruptError: not a regular file, of the wrong size, or changed while read.
+    """
+    fd, size = _open_regular(path)
+    try:
+        _check_size(path, size, limit, expected, limit_hint or f"the limit of {limit} bytes")
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        while got < size:
+            n = _read_into(fd, view[got:])
+            if n == 0:
+                raise CheckpointCorruptError(f"{path} shrank while it was being read")
+            got += n
+        if os.read(fd, 1):
+            raise CheckpointCorruptError(f"{path} grew while it was being read")
+        return buf
+    except OSError as err:
+        raise CheckpointCorruptError(f"{path} cannot be read ({err})") from None
+    finally:
+        os.close(fd)
+
+
+def sha256_regular(path: Path, *, limit: int, expected: int | None = None,
+                   limit_hint: str | None = None, chunk: int = 1 << 22) -> str:
+    """The sha256 hex digest of a regular file, with the checks of :func:`read_regular`,
+    read in chunks (memory stays bounded whatever the file's size)."""
+    fd, size = _open_regular(path)
+    try:
+        _check_size(path, size, limit, expected, limit_hint or f"the limit of {limit} bytes")
+        digest, got = hashlib.sha256(), 0
+        while block := os.read(fd, min(chunk, size - got + 1)):
+            got += len(block)
+            if got > size:
+                raise CheckpointCorruptError(f"{path} grew while it was being read")
+            digest.update(block)
+        if got != size:
+            raise CheckpointCorruptError(f"{path} shrank while it was being read")
+        return digest.hexdigest()
+    except OSError as err:
+        raise CheckpointCorruptError(f"{path} cannot be read ({err})") from None
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -62,19 +192,38 @@ def write_file(path: Path, fill: Callable[[HashingWriter], None]) -> dict:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> tuple[str, int]:
-    """Returns the sha256 hex digest and size of a file, reading it in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
+    """Returns the sha256 hex digest and size of a regular file, reading it in chunks."""
+    size = os.lstat(path).st_size
+    return sha256_regular(path, limit=size, expected=size, chunk=chunk), size
+
+
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), or None where unknown.
+
+    With the pid it names a process uniquely: a pid reused by an unrelated process has
+    another start time, so a temporary file is never taken for that process's.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])  # field 22 of proc(5); fields[0] here is field 3
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@functools.cache
+def host_tag() -> str:
+    """8 hex digits naming this machine in temporary names (a shared file system is seen
+    by processes of several machines; a pid only means something on its own)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def tmp_name(final_name: str) -> str:
-    """A temporary name for ``final_name`` that records the writing process id."""
-    return f"{TMP_PREFIX}{os.getpid()}-{final_name}"
+    """A temporary name for ``final_name`` that records the writing process (pid, machine,
+    start time), so a leftover can be told from a write under way."""
+    start = _start_time(os.getpid())
+    tag = "" if start is None else f"{host_tag()}.{start}-"
+    return f"{TMP_PREFIX}{os.getpid()}-{tag}{final_name}"
 
 
 def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -112,8 +261,6 @@ def remove_dir(path: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a leftover of ours is never under way when this is called
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -123,15 +270,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def writer_alive(pid: int, host: str | None = None, start: int | None = None) -> bool:
+    """Whether the process that wrote a temporary name may still be writing it.
+
+    Args:
+      pid: the process id recorded in the name.
+      host: its machine's :func:`host_tag`, None for names of older versions.
+      start: its start time, None when unknown.
+
+    Returns:
+      False for a process that is gone (or whose pid now belongs to another process), or
+      for this process itself (whose writes are not under way when leftovers are cleaned);
+      True when it is alive or cannot be checked (another machine).
+    """
+    if host is not None and host != host_tag():
+        return True  # a pid of another machine cannot be checked from here: leave it
+    if pid == os.getpid():
+        return False
+    if not _pid_alive(pid):
+        return False
+    if start is not None:
+        now = _start_time(pid)
+        if now is not None and now != start:
+            return False  # the pid was reused by a process that started later
+    return True
+
+
 def remove_stale_tmp(run_dir: Path) -> list[str]:
     """Removes temporary files and directories left by writers that were killed.
 
-    Entries of processes still alive are left alone. Returns the names removed.
+    Entries of processes still alive are left alone; a pid reused by another process is
+    recognised by its start time. Returns the names removed.
     """
     removed = []
     for entry in run_dir.iterdir() if run_dir.is_dir() else ():
         match = _TMP_RE.match(entry.name)
-        if not match or _pid_alive(int(match.group(1))):
+        if not match:
+            continue
+        start = int(match.group(3)) if match.group(3) else None
+        if writer_alive(int(match.group(1)), match.group(2), start):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

@@ -22,13 +22,15 @@ import datetime
 import functools
 import json
 import math
+import os
 import platform
 import re
 from pathlib import Path
 from typing import Any
 
 from jaxfit.checkpoint._errors import CheckpointCorruptError
-from jaxfit.checkpoint._io import sha256_file
+from jaxfit.checkpoint._io import read_regular, sha256_regular
+from jaxfit.checkpoint._msgpack import DEFAULT_MAX_BYTES
 
 FORMAT = "jaxfit.checkpoint"
 FORMAT_VERSION = 1
@@ -103,26 +105,37 @@ def manifest_bytes(manifest: dict) -> bytes:
 
 _REQUIRED = {"format": str, "format_version": int, "seq": int, "step": int, "epoch": int,
              "batch_in_epoch": int, "metrics": dict, "files": dict}
+# Fields a reader uses when present (readers such as `info` rely on their types).
+_NONE = type(None)
+_OPTIONAL = {"monitor": (str, _NONE), "mode": (str, _NONE), "run_id": (str, _NONE),
+             "reason": (str, _NONE), "recipe": (dict, str, _NONE), "created": (str, _NONE)}
 
 
 def read_manifest(ckpt_dir: Path) -> dict:
     """Reads and checks the manifest of one checkpoint directory (not the checksums).
 
+    The file is read only if it is a regular file of at most :data:`MAX_MANIFEST_BYTES`
+    (never a link, FIFO or device). When the directory has a checkpoint name, its sequence
+    number and step must be the manifest's: a renamed or swapped directory would otherwise
+    pass for a newer (or older) checkpoint than it is.
+
     Raises:
-      CheckpointCorruptError: the manifest is missing, too large, not JSON, not a jaxfit
-        manifest, lacks a field, or was written by a newer format version.
+      CheckpointCorruptError: the manifest is missing, too large, not a regular file, not
+        JSON, not a jaxfit manifest, lacks a field, was written by a newer format version,
+        or does not match the directory's name.
     """
     path = ckpt_dir / MANIFEST_FILE
     try:
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise CheckpointCorruptError(f"{path}: {size} bytes, more than a manifest can be")
-        manifest = json.loads(path.read_bytes())
+        data = read_regular(path, limit=MAX_MANIFEST_BYTES,
+                            limit_hint=f"a manifest can be ({MAX_MANIFEST_BYTES} bytes)")
+        manifest = json.loads(data)
     except FileNotFoundError:
         raise CheckpointCorruptError(
             f"{path} is missing: the checkpoint was not completely written"
         ) from None
-    except (OSError, ValueError) as err:  # ValueError covers JSON and Unicode errors
+    except NotADirectoryError:
+        raise CheckpointCorruptError(f"{ckpt_dir} is not a checkpoint directory") from None
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: JSON and Unicode
         raise CheckpointCorruptError(f"{path} is not a readable JSON manifest ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointCorruptError(f"{path} is not a jaxfit checkpoint manifest")
@@ -136,34 +149,61 @@ def read_manifest(ckpt_dir: Path) -> dict:
             f"{path}: format version {manifest['format_version']} was written by a newer jaxfit "
             f"(this one reads up to version {FORMAT_VERSION}); upgrade jaxfit to load it"
         )
+    for name, entry in manifest["files"].items():
+        if Path(name).name != name or name in (".", ".."):
+            raise CheckpointCorruptError(f"{path} lists a bad file {name!r}")
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                and not isinstance(entry.get("size"), bool) and entry["size"] >= 0
+                and isinstance(entry.get("sha256"), str)):
+            raise CheckpointCorruptError(
+                f"{path}: bad entry for {name!r} (expected a size and a sha256)")
     if STATE_FILE not in manifest["files"]:
         raise CheckpointCorruptError(f"{path} lists no {STATE_FILE}")
+    for key, kinds in _OPTIONAL.items():
+        if not isinstance(manifest.get(key), kinds):
+            raise CheckpointCorruptError(
+                f"{path}: field {key!r} is a {type(manifest.get(key)).__name__}, expected "
+                f"{' or '.join(k.__name__ for k in kinds)}")
+    if manifest.get("mode") not in (None, "min", "max"):
+        raise CheckpointCorruptError(f"{path}: field 'mode' is {manifest['mode']!r}, expected "
+                                     "'min', 'max' or null")
+    if min(manifest["seq"], manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]) < 0:
+        raise CheckpointCorruptError(f"{path}: a negative seq, step, epoch or batch_in_epoch")
+    named = parse_name(ckpt_dir.name)
+    if named is not None and named != (manifest["seq"], manifest["step"]):
+        raise CheckpointCorruptError(
+            f"{path} describes checkpoint {manifest['seq']} at step {manifest['step']}, but its "
+            f"directory is named {ckpt_dir.name!r} (checkpoint {named[0]} at step {named[1]}): "
+            "the directory was renamed or swapped with another one. Rename it to "
+            f"{checkpoint_name(manifest['seq'], manifest['step'])!r} if that is what it holds"
+        )
     return manifest
 
 
-def verify_files(ckpt_dir: Path, manifest: dict) -> None:
+def verify_files(ckpt_dir: Path, manifest: dict, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
     """Checks every file listed in ``manifest`` exists with the recorded size and sha256.
+
+    Sizes are checked (against the manifest and ``max_bytes``) before a byte is read, and
+    only regular files inside the checkpoint are read.
 
     Raises:
       CheckpointCorruptError: naming the first file that is missing or differs.
     """
+    hint = (f"the limit of {max_bytes} bytes (pass a larger max_bytes if the file is trusted "
+            "to be this large)")
     for name, expected in manifest["files"].items():
         path = ckpt_dir / name
         if Path(name).name != name:
             raise CheckpointCorruptError(f"{ckpt_dir / MANIFEST_FILE} lists a bad file {name!r}")
+        if not isinstance(expected, dict):
+            raise CheckpointCorruptError(f"{ckpt_dir / MANIFEST_FILE}: bad entry for {name!r}")
         try:
-            digest, size = sha256_file(path)
+            digest = sha256_regular(path, limit=max_bytes, expected=expected.get("size"),
+                                    limit_hint=hint)
         except FileNotFoundError:
             raise CheckpointCorruptError(f"{path} is missing") from None
         except OSError as err:
             raise CheckpointCorruptError(f"{path} cannot be read ({err})") from None
-        if not isinstance(expected, dict):
-            raise CheckpointCorruptError(f"{ckpt_dir / MANIFEST_FILE}: bad entry for {name!r}")
-        if size != expected.get("size"):
-            raise CheckpointCorruptError(
-                f"{path} has {size} bytes, the manifest recorded {expected.get('size')} "
-                "(truncated or modified)"
-            )
         if digest != expected.get("sha256"):
             raise CheckpointCorruptError(
                 f"{path} fails its sha256 check (modified or corrupted on disk)"
@@ -202,12 +242,16 @@ class CheckpointInfo:
     def metrics(self) -> dict[str, Any]:
         return self.manifest["metrics"] if self.manifest else {}
 
-    def verify(self) -> bool:
-        """Checks the checksums; records and returns whether the checkpoint is valid."""
+    def verify(self, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
+        """Checks the checksums; records and returns whether the checkpoint is valid.
+
+        Args:
+          max_bytes: a file larger than this counts as invalid, unread (the limit of a load).
+        """
         if self.manifest is None:
             return False
         try:
-            verify_files(self.path, self.manifest)
+            verify_files(self.path, self.manifest, max_bytes=max_bytes)
         except CheckpointCorruptError as err:
             self.problem = str(err)
             return False
@@ -223,7 +267,15 @@ def scan(run_dir: str | Path) -> list[CheckpointInfo]:
     found = []
     for entry in run_dir.iterdir():
         parsed = parse_name(entry.name)
-        if parsed is None or not entry.is_dir():
+        if parsed is None:
+            continue
+        if entry.is_symlink():
+            # A link may lead anywhere (another run, /dev): a checkpoint is what is inside.
+            found.append(CheckpointInfo(entry, parsed[0], None,
+                                        f"{entry} is a symbolic link, not a checkpoint "
+                                        "directory (copy the checkpoint instead of linking it)"))
+            continue
+        if not entry.is_dir():
             continue
         try:
             found.append(CheckpointInfo(entry, parsed[0], read_manifest(entry)))
@@ -234,14 +286,15 @@ def scan(run_dir: str | Path) -> list[CheckpointInfo]:
 
 def is_checkpoint_dir(path: Path) -> bool:
     """Whether ``path`` looks like one checkpoint (as opposed to a run directory)."""
-    return (path / MANIFEST_FILE).exists() or (path / STATE_FILE).exists() or (
+    # lexists: a dangling link named like a checkpoint file still marks a checkpoint.
+    return os.path.lexists(path / MANIFEST_FILE) or os.path.lexists(path / STATE_FILE) or (
         parse_name(path.name) is not None)
 
 
 def read_latest_pointer(run_dir: Path) -> str | None:
     """The checkpoint name recorded in the run's ``latest`` file, if any."""
     try:
-        name = (run_dir / LATEST_FILE).read_text().strip()
-    except (OSError, UnicodeDecodeError):
+        name = read_regular(run_dir / LATEST_FILE, limit=256).decode().strip()
+    except (OSError, UnicodeDecodeError, CheckpointCorruptError):
         return None
     return name if parse_name(name) else None

@@ -40,7 +40,12 @@ _ALLOWED_DTYPES = frozenset(
 )
 
 
-def _dtype_from_name(name: str) -> np.dtype:
+def dtype_from_name(name: str) -> np.dtype:
+    """The numpy dtype of a name a checkpoint may hold (numeric types only).
+
+    Raises:
+      CheckpointCorruptError: any other name.
+    """
     if name not in _ALLOWED_DTYPES:
         raise CheckpointCorruptError(
             f"array dtype {name!r} is not one a checkpoint holds "
@@ -170,7 +175,7 @@ def _array_from_ext(code: int, payload: bytes) -> Any:
         raise CheckpointCorruptError(f"malformed array shape {shape!r}")
     if not isinstance(dtype_name, str) or not isinstance(data, bytes):
         raise CheckpointCorruptError("malformed array header (dtype or data of the wrong type)")
-    dtype = _dtype_from_name(dtype_name)
+    dtype = dtype_from_name(dtype_name)
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(data):
         raise CheckpointCorruptError(

@@ -34,7 +34,7 @@ from jaxfit.checkpoint._errors import (
     DataNotSavedError,
     UntrustedRecipeError,
 )
-from jaxfit.checkpoint._io import replace_file
+from jaxfit.checkpoint._io import read_regular, replace_file
 
 DEFAULT_MAX_DATA_BYTES = 256 * 2**20
 DATA_KEYS = ("data", "validation_data")
@@ -167,12 +167,33 @@ def write_recipe(run_dir: Path, payload: bytes) -> dict:
     if not path.exists():
         # Owner-only permissions: the file is code that a later load will run.
         replace_file(path, payload, mode=0o600)
-    return {"file": name, "sha256": digest}
+    # "size" (added later; older manifests lack it) bounds the read before a byte is read.
+    return {"file": name, "sha256": digest, "size": len(payload)}
+
+
+def _own_group(gid: int) -> bool:
+    """Whether group ``gid`` is the current user's own: their primary group, named like them,
+    with no other members (the "user private group" that a umask of 002 is meant for)."""
+    if gid != os.getgid():
+        return False
+    try:
+        import grp
+        import pwd
+
+        user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(gid)
+    except (ImportError, KeyError):
+        return False
+    return group.gr_name == user and set(group.gr_mem) <= {user}
 
 
 def check_trusted(path: Path) -> None:
-    """Raises :class:`UntrustedRecipeError` unless ``path`` and its directory are owned by the
-    current user (or root) and not writable by group or others."""
+    """Raises :class:`UntrustedRecipeError` unless ``path`` and its directory are the current
+    user's: owned by them (or root) and writable by nobody else.
+
+    Writable by the group counts as the user's when the group is their own private group
+    (their primary group, named after them, with no other members), as with a umask of 002.
+    """
     if not hasattr(os, "getuid"):  # Windows: no POSIX ownership to check
         return
     for target in (path, path.parent):
@@ -185,28 +206,42 @@ def check_trusted(path: Path) -> None:
                 "pass trusted=True; otherwise build the Trainer yourself and restore only the "
                 "msgpack state with jaxfit.checkpoint.restore(trainer, path)"
             )
-        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        others = bool(info.st_mode & stat.S_IWOTH) or (
+            bool(info.st_mode & stat.S_IWGRP) and not _own_group(info.st_gid))
+        if others:
             raise UntrustedRecipeError(
-                f"{target} can be written by other users (mode {stat.filemode(info.st_mode)}), "
-                "so its recipe may have been replaced. Loading the recipe unpickles it, which "
-                "runs code. Fix the permissions (chmod go-w), pass trusted=True if you trust it, "
-                "or restore only the msgpack state with jaxfit.checkpoint.restore(trainer, path)"
+                f"{target} can be written by other users (mode {stat.filemode(info.st_mode)}, "
+                f"group {info.st_gid}), so its recipe may have been replaced. Loading the "
+                "recipe unpickles it, which runs code. Fix the permissions (chmod go-w), pass "
+                "trusted=True if you trust it, or restore only the msgpack state with "
+                "jaxfit.checkpoint.restore(trainer, path). (Group-writable is fine when the "
+                "group is your own private group, as with umask 002.)"
             )
 
 
-def load_recipe(run_dir: Path, ref: dict, *, trusted: bool = False) -> dict:
+def load_recipe(run_dir: Path, ref: dict, *, trusted: bool = False,
+                max_bytes: int = 64 * 2**30) -> dict:
     """Verifies and unpickles the recipe a checkpoint's manifest refers to.
 
+    Only a regular file in ``run_dir`` is read (no link, FIFO or device), and only when its
+    size is the one recorded (when recorded) and at most ``max_bytes``.
+
     Raises:
-      CheckpointCorruptError: the recipe file is missing or fails its checksum.
+      CheckpointCorruptError: the recipe file is missing, not a regular file, of the wrong
+        size, fails its checksum, or the manifest's reference to it is malformed.
       UntrustedRecipeError: ownership/permissions checks failed and ``trusted`` is False.
     """
     name = ref.get("file") if isinstance(ref, dict) else None
-    if not isinstance(name, str) or Path(name).name != name:
+    if (not isinstance(name, str) or Path(name).name != name or not name.startswith("recipe-")
+            or not isinstance(ref.get("sha256"), str)):
+        raise CheckpointCorruptError(f"the manifest's recipe entry {ref!r} is malformed")
+    size = ref.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
         raise CheckpointCorruptError(f"the manifest's recipe entry {ref!r} is malformed")
     path = run_dir / name
     try:
-        payload = path.read_bytes()
+        payload = read_regular(path, limit=max_bytes, expected=size,
+                               limit_hint=f"max_bytes={max_bytes}")
     except FileNotFoundError:
         raise CheckpointCorruptError(
             f"{path} is missing: the run's recipe was deleted or the checkpoint was copied "

@@ -77,24 +77,29 @@ def write_checkpoint(run_dir: Path, state: dict, *, seq: int, step: int, epoch: 
 
 def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | None,
                     monitor: str | None, mode: str | None,
-                    protect: frozenset[str] = frozenset()) -> list[str]:
+                    protect: frozenset[str] = frozenset(), run_id: str | None = None) -> list[str]:
     """Deletes the checkpoints retention does not keep, and recipes nothing refers to.
 
-    Checkpoints whose manifest cannot be read are never deleted (nothing is known about
-    them). Returns the names removed.
+    Only checkpoints of this run are candidates (``run_id``, when given: manifests naming
+    another run are never deleted), and never one whose manifest cannot be read (nothing is
+    known about it). A recipe is deleted only when no remaining readable checkpoint refers to
+    it and it is not in ``protect`` (the recipe of the fit under way). Returns the names
+    removed.
     """
-    infos = _manifest.scan(run_dir)
+    infos = [i for i in _manifest.scan(run_dir) if i.manifest is not None]
+    ours = [i for i in infos
+            if run_id is None or i.manifest.get("run_id") in (None, run_id)]
     entries = [_retention.Entry(i.name, i.seq, _retention.score_of(i.metrics, monitor))
-               for i in infos if i.manifest is not None]
+               for i in ours]
     keep = _retention.select_keep(entries, keep_last=keep_last, keep_best=keep_best, mode=mode)
     removed = []
-    for info in infos:
-        if info.manifest is not None and info.name not in keep:
+    for info in ours:
+        if info.name not in keep:
             _io.remove_dir(info.path)
             removed.append(info.name)
     used = set(protect)
     for info in infos:
-        if info.manifest is not None and info.name in keep and info.manifest.get("recipe"):
+        if info.name not in removed and isinstance(info.manifest.get("recipe"), dict):
             used.add(info.manifest["recipe"].get("file"))
     for recipe in run_dir.glob("recipe-*.pkl"):
         if recipe.name not in used:
@@ -110,13 +115,18 @@ class RunWriter:
       run_dir: the run directory (created if missing).
       keep_last, keep_best, monitor, mode: retention, see :func:`apply_retention`.
       background: write in a background thread (True) or in the caller's thread.
+      run_id: the run written; retention deletes only checkpoints of this run.
+
+    The caller holds the run directory's writer lock (see ``RunLock``): the writer assumes
+    no other process writes there.
     """
 
     def __init__(self, run_dir: Path, *, keep_last: int | None, keep_best: int | None,
-                 monitor: str | None, mode: str | None, background: bool = True) -> None:
+                 monitor: str | None, mode: str | None, background: bool = True,
+                 run_id: str | None = None) -> None:
         self.run_dir = run_dir
         self.retention = dict(keep_last=keep_last, keep_best=keep_best, monitor=monitor,
-                              mode=mode)
+                              mode=mode, run_id=run_id)
         self.background = background
         self.stats = SaveStats()
         self.recipe_ref: dict | None = None
