@@ -92,19 +92,32 @@ def place_host(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(place, tree, shardings)
 
 
-def check_snapshot(tree: Any) -> None:
-    """Refuse to snapshot a state that this process cannot read whole.
+def local_snapshot(tree: Any) -> Any:
+    """``tree`` with every array sharded across processes replaced by a host copy built from
+    this process's own shards, which must cover it (FSDP within each host, replicated across
+    hosts); jax cannot fetch such an array with ``device_get``. Other leaves are unchanged.
 
-    A leaf sharded across processes (FSDP or tensor parallel over several hosts) has parts on
-    other machines; ``jax.device_get`` cannot fetch it.
+    Raises ConfigError naming the leaf when this process does not hold all of it: that
+    needs the sharded checkpoint format, which jaxfit does not write yet.
     """
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable and not leaf.is_fully_replicated:
-            from jaxfit.sharding import path_str
+    from jaxfit.sharding import path_str
 
+    def fetch(path: Any, leaf: Any) -> Any:
+        if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable or leaf.is_fully_replicated:
+            return leaf
+        out = np.empty(leaf.shape, leaf.dtype)
+        covered = np.zeros(leaf.shape, bool)
+        for shard in leaf.addressable_shards:
+            out[shard.index] = np.asarray(shard.data)
+            covered[shard.index] = True
+        if not covered.all():
             raise ConfigError(
-                f"state leaf {path_str(path)!r} is sharded across processes "
-                f"({leaf.sharding.spec} on mesh {dict(leaf.sharding.mesh.shape)}): a "
-                "checkpoint of it needs the sharded checkpoint format, which jaxfit does not "
-                "write yet. Shard only within a process (mesh axes whose devices are one "
-                "host's) or replicate the state across hosts (data-parallel)")
+                f"state leaf {path_str(path)!r} ({leaf.sharding.spec} on mesh "
+                f"{dict(leaf.sharding.mesh.shape)}) is split across processes: this process "
+                f"holds {int(covered.sum())} of its {covered.size} elements. A checkpoint of it "
+                "needs the sharded checkpoint format, which jaxfit does not write yet; lay the "
+                "mesh out so that each process holds a whole copy (shard over axes within one "
+                "host, e.g. 'fsdp', and across hosts only over a data axis)")
+        return out
+
+    return jax.tree_util.tree_map_with_path(fetch, tree)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from jaxfit import _tree
-from jaxfit._placement import check_snapshot
+from jaxfit._placement import local_snapshot
 from jaxfit.callback import CallbackList
 from jaxfit.errors import ConfigError
 
@@ -89,11 +89,10 @@ def recipe(trainer: Trainer) -> dict[str, Any]:
 
 
 def _snapshot(es: Any) -> dict:
-    # A single-process snapshot fetches every array whole to the host (device_get assembles
-    # a sharded leaf from its shards); a leaf sharded across processes cannot be fetched.
-    if jax.process_count() > 1:
-        check_snapshot(es)
-    return _tree.to_dict(es)
+    # Every array is fetched whole to the host (device_get assembles a sharded leaf from its
+    # shards). With several processes, a leaf split across them is built from this
+    # process's shards, which must cover it.
+    return _tree.to_dict(local_snapshot(es) if jax.process_count() > 1 else es)
 
 
 def _layout(trainer: Trainer) -> dict[str, Any]:

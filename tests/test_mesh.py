@@ -20,7 +20,8 @@ SCRIPT = textwrap.dedent("""
     from jaxfit import ConfigError
     assert jax.device_count() == 8
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(104, 4)).astype(np.float32)  # the last batch of 8 splits over 8 devices; y = (x[:, 0] > 0).astype(np.int32)
+    x = rng.normal(size=(104, 4)).astype(np.float32)  # the last batch of 8 splits over 8 devices
+    y = (x[:, 0] > 0).astype(np.int32)
     out = {}
     for name, mesh in [("single", None), ("mesh", jax.make_mesh((8,), ("data",)))]:
         for k in (1, 2):
