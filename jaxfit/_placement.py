@@ -11,10 +11,12 @@ The step itself always sees unboxed arrays (``unbox_linen``).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from flax.core import meta
 from jax.sharding import NamedSharding
 
@@ -52,7 +54,25 @@ def state_shardings(plan: Any, boxed: Any, unboxed: Any, params: Any) -> Any:
     annotations from) and ``params`` its params (what every other leaf is matched to by path
     suffix and shape: optimizer state, EMA copies).
     """
+    _check_rules_match(plan, params)
     return expand(plan.shardings(boxed, params), unboxed)
+
+
+def _check_rules_match(plan: Any, params: Any) -> None:
+    """A ``param_rules`` regex that matches no param is a typo that would silently leave
+    the params it meant replicated: refuse it, listing the paths it could match."""
+    from jaxfit.sharding import path_str
+
+    def is_box(x: Any) -> bool:
+        return _is_linen_box(x) or isinstance(x, nnx.Variable)
+
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)[0]]
+    for pattern, _ in plan.param_rules:
+        rx = re.compile(pattern)
+        if not any(rx.search(p) for p in paths):
+            shown = ", ".join(paths[:12]) + (", ..." if len(paths) > 12 else "")
+            raise ConfigError(f"param_rules regex {pattern!r} matches no param; the params' "
+                              f"paths are: {shown}")
 
 
 def unalias(tree: Any) -> Any:

@@ -45,7 +45,7 @@ WORKER = textwrap.dedent("""
         t = Trainer(optimizer=adam(), loss="softmax_cross_entropy", seed=0, **(kw if pid >= 0 else {}))
         t.fit(Block(mode), (x, y), validation_data=(x[:32], y[:32]), epochs=2, batch_size=16, verbose=0)
         kernel = t.params["up"]["kernel"]
-        params = multihost_utils.process_allgather(t.params) if pid >= 0 else jax.device_get(t.params)
+        params = multihost_utils.process_allgather(t.params, tiled=True) if pid >= 0 else jax.device_get(t.params)
         res = {"history": t.history.history,
                "params": [np.asarray(a).ravel().tolist() for a in jax.tree_util.tree_leaves(params)],
                "spec": str(kernel.sharding.spec) if pid >= 0 else None,

@@ -252,6 +252,8 @@ def test_layout_errors_before_any_work():
     with pytest.raises(ConfigError, match=r"param 'head/kernel' of shape \(8, 3\).*dim 1 \(3\) does not split evenly"):
         fit(jax.make_mesh((1, 8), ("data", "model")), "plain", epochs=1,
             param_rules=[(r"head/kernel$", P(None, "model"))])
+    with pytest.raises(ConfigError, match=r"param_rules regex 'Dense_0/kernel\$' matches no param; .*up/kernel"):
+        fit(FSDP8, "plain", epochs=1, param_rules=[(r"Dense_0/kernel$", P("fsdp"))], data_axes=("fsdp",))
     with pytest.raises(ConfigError, match="'mlp'.* have no rule"):
         fit(TP, "logical", epochs=1, rules=[("embed", None)])
     with pytest.raises(ConfigError, match=r"batch size 12 does not split evenly over the 8 devices of mesh axes \('data', 'fsdp'\)"):
