@@ -131,9 +131,10 @@ def local_snapshot(tree: Any) -> Any:
             out[shard.index] = np.asarray(shard.data)
             covered[shard.index] = True
         if not covered.all():
+            sharding: Any = leaf.sharding  # a NamedSharding: the Trainer places every leaf so
             raise ConfigError(
-                f"state leaf {path_str(path)!r} ({leaf.sharding.spec} on mesh "
-                f"{dict(leaf.sharding.mesh.shape)}) is split across processes: this process "
+                f"state leaf {path_str(path)!r} ({sharding.spec} on mesh "
+                f"{dict(sharding.mesh.shape)}) is split across processes: this process "
                 f"holds {int(covered.sum())} of its {covered.size} elements. A checkpoint of it "
                 "needs the sharded checkpoint format, which jaxfit does not write yet; lay the "
                 "mesh out so that each process holds a whole copy (shard over axes within one "

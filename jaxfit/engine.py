@@ -98,6 +98,7 @@ class Engine:
         if abstract:
             return es
         # The jitted init writes every shard straight onto its device.
+        assert self.shardings is not None
         init = jax.jit(lambda b: unbox_linen(fn(b)), out_shardings=self.shardings.state)
         return EngineState(step=jnp.zeros((), jnp.int32), state=unalias(init(batch)),
                            hp_scales={n: jnp.ones((), jnp.float32) for n in self.slots},
@@ -192,7 +193,8 @@ class Engine:
                 return body(*args)
 
             # The whole EngineState is donated: XLA updates params and optimizer state in place.
-            pinned = {} if self.shardings is None else {"out_shardings": (self.shardings, self.replicated)}
+            pinned: dict[str, Any] = {} if self.shardings is None else {
+                "out_shardings": (self.shardings, self.replicated)}
             fn = self._compiled[key] = jax.jit(counted, donate_argnums=(0,), **pinned)
         return fn
 
@@ -221,7 +223,7 @@ class Engine:
                 ctx = StepContext(key=jax.random.fold_in(base, index), step=index, mask=mask, train=False)
                 return merge(acc, self._as_states(step.eval_step(state, batch, ctx), ctx))
 
-            pinned = {} if self.shardings is None else {"out_shardings": self.replicated}
+            pinned: dict[str, Any] = {} if self.shardings is None else {"out_shardings": self.replicated}
             fn = self._compiled["eval"] = jax.jit(run, donate_argnums=(1,), **pinned)
         return fn
 

@@ -15,11 +15,11 @@ from flax import nnx
 from flax.core import meta
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from jaxfit.callbacks import ModelCheckpoint
 from sharding_models import LECUN, Block, adam, data
 
 import jaxfit
 from jaxfit import Trainer
-from jaxfit.callbacks import ModelCheckpoint
 from jaxfit.errors import ConfigError
 from jaxfit.sharding import path_str, per_device_bytes
 
@@ -108,8 +108,8 @@ def test_tensor_parallel_on_2x4_follows_the_annotations_and_matches_one_device(m
 
 
 @pytest.mark.parametrize("mesh, kw, want", [
-    (FSDP, dict(mode="logical", rules=LOGICAL_FSDP, data_axes=("data", "fsdp")), FSDP_SPECS),
-    (FSDP8, dict(mode="plain", param_rules=[(r"(up|down)/kernel$", P("fsdp"))], data_axes=("fsdp",)),
+    (FSDP, {"mode": "logical", "rules": LOGICAL_FSDP, "data_axes": ("data", "fsdp")}, FSDP_SPECS),
+    (FSDP8, {"mode": "plain", "param_rules": [(r"(up|down)/kernel$", P("fsdp"))], "data_axes": ("fsdp",)},
      {**{k: P() for k in TP_SPECS}, "up/kernel": P("fsdp"), "down/kernel": P("fsdp")}),
 ], ids=["logical-2x4", "regex-8"])
 def test_fsdp_shards_params_and_adam_state_and_matches_one_device(mesh, kw, want):
@@ -124,8 +124,8 @@ def test_fsdp_shards_params_and_adam_state_and_matches_one_device(mesh, kw, want
 def test_sharded_state_holds_one_nth_per_device_against_replicated():
     rep, tp, fsdp = fit(jax.make_mesh((8,), ("data",)), "plain"), fit(TP, "physical"), fit(
         FSDP8, "plain", param_rules=[(r"(up|down)/kernel$", P("fsdp"))], data_axes=("fsdp",))
-    kernel = lambda t: t.params["up"]["kernel"]  # noqa: E731
-    mu = lambda t: t.opt_state.inner_state[0].mu["up"]["kernel"]  # noqa: E731
+    kernel = lambda t: t.params["up"]["kernel"]
+    mu = lambda t: t.opt_state.inner_state[0].mu["up"]["kernel"]
     for leaf, n in ((kernel, 4), (mu, 4)):
         full = max(per_device_bytes(leaf(rep)).values())
         assert full == 8 * 16 * 4
@@ -218,7 +218,7 @@ def _mesh(devices, shape, names):
 
 
 def test_resume_8_to_4_to_1_devices_matches_the_uninterrupted_run(tmp_path):
-    kw = dict(mode="logical", rules=LOGICAL_FSDP, data_axes=("data", "fsdp"))
+    kw = {"mode": "logical", "rules": LOGICAL_FSDP, "data_axes": ("data", "fsdp")}
     full = fit(FSDP, epochs=3, **kw)
     run = tmp_path / "run"
     t = Trainer(optimizer=adam(), loss="softmax_cross_entropy", metrics=["accuracy"], seed=0, mesh=FSDP,
