@@ -85,6 +85,6 @@ def _forward(hook: str) -> Callable[..., Any]:
 def _with_hooks(hooks: tuple[str, ...]) -> type:
     # The dispatcher calls a hook only when the callback's class overrides it, so each set
     # of given hooks gets a subclass that defines exactly those.
-    namespace = {h: _forward(h) for h in hooks}
+    namespace: dict[str, Any] = {h: _forward(h) for h in hooks}
     namespace["__module__"] = __name__
     return type("LambdaCallback", (LambdaCallback,), namespace)

@@ -32,6 +32,10 @@ def state_dict(trainer: Trainer) -> dict[str, Any]:
         "step": trainer._step,
         "epoch": trainer._epochs_completed,
         "batch_in_epoch": trainer.batch_in_epoch,
+        # An iterable's position after the last batch trained on: {"epoch", "pass",
+        # "consumed", "state"} with the iterator's own state (grain's get_state()), or None
+        # for array data, whose (epoch, batch_in_epoch) is the position. See docs/data.md.
+        "data": trainer._data_position,
         "seed": trainer.seed,
         "run_id": trainer.run_id,
         "rng": _seed_key_data(trainer.seed).copy(),
@@ -67,6 +71,7 @@ def load_state_dict(trainer: Trainer, sd: dict[str, Any]) -> None:
     trainer._masks.clear()
     trainer._step, trainer._epochs_completed = int(sd["step"]), int(sd["epoch"])
     trainer.batch_in_epoch = int(sd["batch_in_epoch"])
+    trainer._data_position = sd.get("data")  # absent from checkpoints of older versions
     trainer.stop_reason = sd.get("stop_reason")
     trainer.run_id = sd.get("run_id") or trainer.run_id
     trainer.history.load_state_dict(sd["history"])

@@ -29,6 +29,11 @@ def _is_typed_key(leaf: Any) -> bool:
     return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
+def same_structure(a: Any, b: Any) -> bool:
+    """Whether two pytrees have the same structure (containers and leaf count)."""
+    return bool(jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b))  # type: ignore[operator]
+
+
 def _key_impl(leaf: Any) -> Any:
     """The PRNG implementation of a typed key, or of a template of one (``eval_shape``)."""
     if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -72,7 +77,7 @@ def from_dict(template: Any, data: dict, where: str = "state") -> Any:
             if not isinstance(node, dict) or _KEY_MARK not in node:
                 raise ShapeError(f"{where}.{at}: expected saved PRNG key data")
             impl = _key_impl(leaf)
-            value = jax.random.wrap_key_data(np.asarray(node[_KEY_MARK]), impl=impl)
+            value = jax.random.wrap_key_data(jax.numpy.asarray(node[_KEY_MARK]), impl=impl)
             want = tuple(leaf.shape) + tuple(jax.random.key_data(jax.random.key(0, impl=impl)).shape)
             got = node[_KEY_MARK].shape
         else:

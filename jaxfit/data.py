@@ -1,21 +1,27 @@
-"""Data adapters: arrays, dicts of arrays and re-iterables of batches, behind one interface.
+"""Data adapters: arrays (any pytree of them) and re-iterables of batches, behind one
+interface, ``executions(epoch, start, k, position, limit)``.
 
-Every batch the step sees has the same shape: the last partial batch is padded with zeros
-and carries ``n_valid``, from which the step builds a mask, so every real sample counts
-exactly once and the step compiles once. Arrays are shuffled per epoch with a permutation
-derived from ``(seed, epoch)`` alone, which is what makes a resumed run see the same order.
+Batches reach the step as they are. The last partial batch of array data runs at its true
+size (padded, masked, only under a mesh where that is exact: see ``Trainer``), so nothing
+computed over the batch sees padding. Arrays are shuffled per epoch with a permutation
+derived from ``(seed, epoch)`` alone; iterables carry their position (their iterator's own
+state when it has one) with every execution, which checkpoints store. ``docs/data.md``.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import jax
 
-from jaxfit.errors import DataError
+from jaxfit._tree import same_structure
+from jaxfit.errors import ConfigError, DataError
 
 TARGET_KEYS = ("label", "labels", "y", "target", "targets")
 
@@ -33,6 +39,7 @@ class Execution:
     batch: Any
     n_valid: tuple[int | None, ...]
     rows: int | None  # B, the (padded) batch size
+    position: Any = None  # an iterable's position after this execution (IterableData)
 
     @property
     def k(self) -> int:
@@ -153,9 +160,13 @@ class ArrayData:
             return None
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
-    def executions(self, epoch: int, start: int = 0, k: int = 1) -> Iterator[Execution]:
-        """The epoch's batches from batch index ``start``, grouped ``k`` at a time."""
+    def executions(self, epoch: int, start: int = 0, k: int = 1, position: Any = None,
+                   limit: int | None = None) -> Iterator[Execution]:
+        """The epoch's batches from batch index ``start`` (at most ``limit`` of them), grouped
+        ``k`` at a time. ``position`` is unused: ``(epoch, start)`` is the position."""
         B, steps = self.batch_size, self.steps_per_epoch
+        if limit is not None:
+            steps = min(steps, start + limit)
         perm = self.order(epoch)
         # Rows are gathered per execution, not for the whole epoch up front: the copy of the
         # next batch then overlaps the device's work on the current one instead of stalling
@@ -172,7 +183,7 @@ class ArrayData:
         i = start
         while i < steps:
             if i < full:  # full batches, k at a time while k of them are left
-                kk = k if i + k <= full else 1
+                kk = k if i + k <= min(full, steps) else 1
                 yield Execution(treedef.unflatten(rows(i * B, (i + kk) * B, kk)), (B,) * kk, B)
                 i += kk
                 continue
@@ -189,79 +200,282 @@ class ArrayData:
         return next(self.executions(1 if self.shuffle else 0, 0, 1)).batch
 
 
-class IterableData:
-    """A re-iterable of batches: a list, a torch DataLoader, a grain loader, or a function
-    returning a fresh iterator each call (a generator function). Each item is one batch,
-    any pytree of arrays, handed to the step as it is: ``(x, y)``, a dict, inputs alone, a
-    graph batch. Batches run at the size they come in (each new shape compiles once)."""
+class _Cursor:
+    """A live iterator of one pass over an iterable: which pass, how many batches it has
+    yielded, and the object whose state a checkpoint saves (the iterator or the iterable)."""
 
-    def __init__(self, source: Iterable | Callable[[], Iterable], *, what: str = "data") -> None:
+    def __init__(self, pass_: int, iterator: Iterator[Any], holder: Any) -> None:
+        self.pass_, self.iterator, self.holder, self.consumed = pass_, iterator, holder, 0
+
+
+class IterableData:
+    """A re-iterable of batches: a list, a grain ``MapDataset`` / ``IterDataset`` /
+    ``DataLoader``, a torch DataLoader, a function returning a fresh iterable each call (a
+    generator function, or ``fn(epoch)``). Each item is one batch, any pytree of arrays,
+    handed to the step as it is. Batches run at the size they come in (each new shape
+    compiles once); ``k > 1`` stacks ``k`` consecutive batches of equal shapes.
+
+    Passes: without ``steps_per_epoch`` each epoch is one pass (the iterable is told the
+    epoch: ``set_epoch(epoch)`` before the pass, or ``fn(epoch)``). With it the iterable is a
+    stream: epochs take ``steps_per_epoch`` batches from one iterator, and a new pass starts
+    only when a pass runs out.
+
+    Position: every execution carries ``position``, the point of the stream after its last
+    batch: ``{"pass", "consumed", "state"}``, where ``state`` is the iterator's own
+    (``get_state()`` / ``state_dict()``) when it has one. Resuming from a position restores
+    that state (no replay); an iterable without one is replayed from the pass's start and the
+    first ``consumed`` batches are skipped, exact only for a deterministic iterable (warned,
+    except for lists and tuples, which are).
+    """
+
+    def __init__(self, source: Iterable | Callable[..., Iterable], *, what: str = "data",
+                 steps_per_epoch: int | None = None) -> None:
         if iter_once(source):
             raise DataError(
                 f"{what} is a one-shot iterator ({type(source).__name__}): it would be empty from "
                 "the second epoch on, and a resumed run could not replay its order. Pass a "
-                "re-iterable (a list, a DataLoader) or the generator function itself "
-                "(data=make_batches, not make_batches())."
+                "re-iterable (a list, a DataLoader, a grain dataset) or the generator function "
+                "itself (data=make_batches, not make_batches())."
             )
         self.source = source
         self.what = what
         self.batch_size: int | None = None
+        self.stream = steps_per_epoch is not None
+        self._spe = steps_per_epoch
+        self._cursor: _Cursor | None = None
+        self.replayed = 0  # batches produced again to reach a saved position (stateless resume)
+        self._example_pass = 1 if what.startswith("training") else 0  # evaluation: pass 0
+        _grain_ready(source)
 
     @property
     def steps_per_epoch(self) -> int | None:
+        if self._spe is not None:
+            return self._spe
         try:
             return len(self.source)  # type: ignore[arg-type]
         except TypeError:
             return None
 
-    def _items(self) -> Iterator[Any]:
-        it = self.source() if callable(self.source) and not hasattr(self.source, "__iter__") else self.source
-        for item in it:
-            yield _to_numpy(item, f"{self.what} batch")
+    # ------------------------------------------------------------------ passes
+    def _open(self, pass_: int, state: Any = None) -> _Cursor:
+        src = self.source
+        if hasattr(src, "set_epoch"):
+            src.set_epoch(pass_)
+        if callable(src) and not hasattr(src, "__iter__"):
+            iterable = src(pass_) if _takes_epoch(src) else src()
+        else:
+            iterable = src
+        on_iterable = _has_state(iterable)
+        if state is not None and on_iterable:
+            _set_state(iterable, state)  # torchdata-style: the loader restores, then iterates
+        iterator = iter(iterable)
+        holder = iterable if on_iterable else iterator if _has_state(iterator) else None
+        if state is not None and holder is iterator:
+            _set_state(iterator, state)
+        return _Cursor(pass_, iterator, holder)
 
-    def executions(self, epoch: int, start: int = 0, k: int = 1) -> Iterator[Execution]:
-        # Iterables are not regrouped: one execution per batch (k is honoured for arrays).
-        for i, batch in enumerate(self._items()):
-            if i < start:
-                continue
-            sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree_util.tree_leaves(batch)}
-            n = sizes.pop() if len(sizes) == 1 and None not in sizes else None
-            if n == 0:
-                continue
-            if self.batch_size is None:
-                self.batch_size = n
-            yield Execution(batch, (n,), n)
+    def _start(self, epoch: int, start: int, position: dict | None) -> _Cursor:
+        """The cursor from which this epoch's batches come: the live one when it is where the
+        run is, else one opened at the saved position (its state, or a replay)."""
+        if self.stream:
+            pass_, skip, state = (int(position["pass"]), int(position["consumed"]), position.get("state")) \
+                if position is not None else (1, (epoch - 1) * (self._spe or 0) + start, None)
+        elif start == 0 or position is None or int(position.get("epoch", epoch)) != epoch:
+            pass_, skip, state = epoch, start, None
+        else:
+            pass_, skip, state = epoch, int(position["consumed"]), position.get("state")
+        cur = self._cursor
+        if cur is not None and (cur.pass_, cur.consumed) == (pass_, skip):
+            return cur
+        cur = self._open(pass_, state)
+        if state is not None and cur.holder is not None:
+            cur.consumed = skip
+        elif skip:
+            if not isinstance(self.source, (list, tuple)):
+                warnings.warn(
+                    f"{self.what}: resuming {skip} batches into pass {pass_} of a "
+                    f"{type(self.source).__name__}, which has no iterator state (get_state/"
+                    "set_state or state_dict/load_state_dict): jaxfit replays the pass from its "
+                    f"start and discards the first {skip} batches. The resume is exact only if "
+                    "the iterable yields the same batches in the same order every time (a "
+                    "shuffling DataLoader does not). Use a grain pipeline or give the iterable "
+                    "that state protocol for an exact resume without replay.",
+                    UserWarning, stacklevel=2)
+            for _ in range(skip):
+                if next(cur.iterator, _END) is _END:
+                    break
+                cur.consumed += 1
+                self.replayed += 1
+        self._cursor = cur
+        return cur
 
-    def example(self) -> Any:
-        for ex in self.executions(0, 0, 1):
-            return ex.batch
-        raise DataError(f"{self.what} is empty: it yielded no batch")
+    def _next(self, cur: _Cursor, epoch: int) -> tuple[Any, dict] | None:
+        """The next batch and the position after it; in a stream, a pass that runs out opens
+        the next one."""
+        while True:
+            item = next(cur.iterator, _END)
+            if item is not _END:
+                cur.consumed += 1
+                state = _state_of(cur.holder, self.what) if cur.holder is not None else None
+                return (_to_numpy(item, f"{self.what} batch"),
+                        {"epoch": epoch, "pass": cur.pass_, "consumed": cur.consumed, "state": state})
+            if not self.stream:
+                return None
+            if cur.consumed == 0:
+                raise DataError(f"{self.what}: pass {cur.pass_} yielded no batch: the stream is empty")
+            cur = self._cursor = self._open(cur.pass_ + 1)
+
+    def executions(self, epoch: int, start: int = 0, k: int = 1, position: dict | None = None,
+                   limit: int | None = None) -> Iterator[Execution]:
+        """The epoch's batches from batch ``start`` (at ``position`` when resuming), at most
+        ``limit`` of them, ``k`` equal-shaped batches stacked per execution."""
+        left = math.inf if limit is None else limit
+        if self.stream:
+            left = min(left, self._spe - start)
+        cur = self._start(epoch, start, position)
+        while left > 0:
+            group: list[tuple[Any, dict]] = []
+            while len(group) < min(k, left):
+                got = self._next(self._cursor or cur, epoch)
+                if got is None:
+                    break
+                group.append(got)
+            if not group:
+                return
+            left -= len(group)
+            if len(group) == k > 1 and _same_shapes([b for b, _ in group]):
+                n = _rows(group[0][0])
+                if self.batch_size is None:
+                    self.batch_size = n
+                stacked = jax.tree_util.tree_map(lambda *a: np.stack(a), *[b for b, _ in group])
+                yield Execution(stacked, (n,) * k, n, group[-1][1])
+                continue
+            for batch, pos in group:
+                n = _rows(batch)
+                if self.batch_size is None:
+                    self.batch_size = n
+                yield Execution(batch, (n,), n, pos)
+            if len(group) < min(k, left + len(group)):
+                return  # the pass ran out
+
+    def example(self, epoch: int | None = None, start: int = 0, position: dict | None = None) -> Any:
+        """The first batch the run will train on (from ``position`` when resuming), for shape
+        inference; the opened iterator is kept for that epoch, so nothing is produced twice."""
+        epoch = self._example_pass if epoch is None else epoch
+        got = self._next(self._start(epoch, start, position), epoch)
+        if got is None:  # resuming at the very end of a pass: take the shapes from a new one
+            got = self._next(self._open(epoch), epoch)
+            if got is None:
+                raise DataError(f"{self.what} is empty: it yielded no batch")
+            return got[0]
+        cur = self._cursor
+        assert cur is not None
+        cur.iterator, cur.consumed = itertools.chain([got[0]], cur.iterator), cur.consumed - 1
+        return got[0]
+
+
+_END = object()
+
+
+def _rows(batch: Any) -> int | None:
+    sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree_util.tree_leaves(batch)}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
+def _same_shapes(batches: list) -> bool:
+    shapes = [tuple((a.shape, a.dtype) for a in jax.tree_util.tree_leaves(b)) for b in batches]
+    return all(same_structure(b, batches[0]) for b in batches) and len(set(shapes)) == 1
+
+
+def _takes_epoch(fn: Callable) -> bool:
+    """True for ``fn(epoch)``: a function with a required positional parameter."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+               for p in params)
+
+
+def _has_state(obj: Any) -> bool:
+    return (hasattr(obj, "get_state") and hasattr(obj, "set_state")) or \
+        (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"))
+
+
+def _state_of(holder: Any, what: str) -> Any:
+    state = holder.get_state() if hasattr(holder, "get_state") else holder.state_dict()
+    try:
+        return _plain(state)
+    except TypeError as e:
+        raise DataError(
+            f"{what}: its iterator state cannot go into a checkpoint: {e}. The state must be "
+            "made of dicts with str keys, lists, str, bytes, numbers and None."
+        ) from None
+
+
+def _set_state(holder: Any, state: Any) -> None:
+    if hasattr(holder, "set_state"):
+        holder.set_state(state)
+    else:
+        holder.load_state_dict(state)
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as msgpack data (numpy scalars to Python numbers, tuples to lists)."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    raise TypeError(f"it holds a {type(obj).__name__}")
+
+
+def _grain_ready(source: Any) -> None:
+    """grain reads absl flags in its worker processes; a program that is not an absl app has
+    not parsed them, and grain would fail at the first batch. Mark them parsed (defaults)."""
+    if not type(source).__module__.startswith("grain"):
+        return
+    try:
+        from absl import flags
+    except ImportError:  # pragma: no cover - grain depends on absl
+        return
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def iter_once(source: Any) -> bool:
     """True for one-shot iterators (a generator object, ``iter(list)``)."""
-    try:
-        return iter(source) is source
-    except TypeError:
-        return False
+    # Checked by type, without calling iter(): that may start a loader's workers, or ask an
+    # iterable that is told the epoch (set_epoch) for a pass before it was told one.
+    return hasattr(type(source), "__next__") and hasattr(type(source), "__iter__")
 
 
 def make_source(data: Any, *, batch_size: int | None, shuffle: bool, seed: int, what: str,
-                drop_remainder: bool = False, pad_multiple: int = 1) -> ArrayData | IterableData:
+                drop_remainder: bool = False, pad_multiple: int = 1,
+                steps_per_epoch: int | None = None) -> ArrayData | IterableData:
     """Pick the adapter for ``data``: arrays (any pytree of them: ``(x, y)``, a dict, ``x``)
-    or an iterable of batches."""
+    or an iterable of batches (a stream of ``steps_per_epoch`` batches per epoch when given)."""
     if data is None:
         raise DataError(f"no {what} given")
     bs = _batch(batch_size)
     if isinstance(data, (dict, tuple)) or _is_array(data):
         leaves = jax.tree_util.tree_leaves(data)
         if leaves and all(_is_array(a) for a in leaves):
+            if steps_per_epoch is not None:
+                raise ConfigError(
+                    f"steps_per_epoch={steps_per_epoch} is for an iterable or a stream of batches; "
+                    f"{what} are arrays, whose epoch is one pass over them in batches of "
+                    f"{bs}. Leave steps_per_epoch out (or pass max_steps= to end the run at a "
+                    "step count).")
             return ArrayData(data, bs, shuffle=shuffle, seed=seed, what=what,
                              drop_remainder=drop_remainder, pad_multiple=pad_multiple)
         if isinstance(data, dict) or _is_array(data):
             raise DataError(f"{what}: a dict of data must hold arrays, got {type(leaves[0]).__name__ if leaves else 'nothing'}")
     if callable(data) or hasattr(data, "__iter__"):
-        return IterableData(data, what=what)
+        return IterableData(data, what=what, steps_per_epoch=steps_per_epoch)
     raise DataError(
         f"{what} of type {type(data).__name__} is not supported: pass (x, y) arrays, a dict of "
         "arrays, or a re-iterable of batches"

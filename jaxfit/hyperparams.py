@@ -49,14 +49,14 @@ def find_slots(opt_state: Any) -> dict[str, HyperparamSlot]:
             dtype = getattr(value, "dtype", None)
             # jnp.issubdtype: bfloat16 is not a numpy number (np.issubdtype says False).
             if getattr(value, "shape", None) == () and dtype is not None and jnp.issubdtype(dtype, jnp.number):
-                found.append((tuple(path), key, key in sched))
+                found.append((tuple(path), key, bool(key in sched)))
     counts: dict[str, int] = {}
     for _, key, _ in found:
         counts[key] = counts.get(key, 0) + 1
     slots = {}
-    for path, key, sched in found:
+    for path, key, scheduled in found:
         name = key if counts[key] == 1 else f"{_path_str(path)}.{key}"
-        slots[name] = HyperparamSlot(name, path, key, sched)
+        slots[name] = HyperparamSlot(name, path, key, scheduled)
     return slots
 
 

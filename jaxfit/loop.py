@@ -7,7 +7,9 @@ metric sums once, validates and calls ``on_epoch_end``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -15,12 +17,14 @@ import warnings
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Iterator
 
+import jax
 import numpy as np
 
 from jaxfit._fusion import FusionChooser
 from jaxfit.callback import Callback
+from jaxfit.data import Execution
 from jaxfit.engine import batch_rows
-from jaxfit.errors import ConfigError, Preempted
+from jaxfit.errors import ConfigError, DataError, Preempted
 from jaxfit.history import History
 from jaxfit.step import LossStep
 
@@ -32,15 +36,46 @@ def rows_of(batch: Any) -> int | None:
     return batch_rows(batch)
 
 
+def _positive(value: Any) -> bool:
+    return bool(not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1)
+
+
 def check_fit_args(args: dict[str, Any]) -> None:
-    epochs = args["epochs"]
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+    epochs = args.get("epochs")
+    if epochs is None and args.get("max_steps") is None:
+        epochs = args["epochs"] = 1
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0):
         raise ConfigError(f"epochs must be a non-negative int (the total to reach), got {epochs!r}")
     freq = args["validation_freq"]
     if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
         raise ConfigError(f"validation_freq must be an int >= 1, got {freq!r}")
+    for name, meaning in (("steps_per_epoch", "batches per epoch, taken from an iterable or stream"),
+                          ("max_steps", "the total number of train steps at which the run ends"),
+                          ("validation_steps_freq", "validate every N train steps")):
+        if args.get(name) is not None and not _positive(args[name]):
+            raise ConfigError(f"{name} must be an int >= 1 ({meaning}), got {args[name]!r}")
     if args["verbose"] not in (0, 1, 2, "auto"):
         raise ConfigError(f"verbose must be 0 (silent), 1 (progress bar) or 2 (one line per epoch), got {args['verbose']!r}")
+
+
+def check_sources(given: dict[str, Any], train: Any, val: Any) -> None:
+    """Arguments that an iterable of batches would silently ignore are errors."""
+    for name, src, what in (("batch_size", train, "training data"),
+                            ("validation_batch_size", val, "validation data")):
+        if given.get(name) is not None and hasattr(src, "stream"):
+            raise DataError(
+                f"{name}={given[name]} was given, but the {what} is an iterable of batches "
+                f"({type(src.source).__name__}), which sets its own batch size: each item it "
+                f"yields is one batch and runs as it is. Leave {name} out, or batch in the "
+                "pipeline (e.g. grain's .batch(n)).")
+
+
+def epochs_of(args: dict[str, Any], steps_per_epoch: int | None) -> int | None:
+    """The epochs to reach: as given, or with only ``max_steps`` the epochs it spans (None:
+    unknown, an iterable without a length)."""
+    if args.get("epochs") is not None:
+        return int(args["epochs"])
+    return -(-args["max_steps"] // steps_per_epoch) if steps_per_epoch else None
 
 
 def progress_callbacks(callbacks: list[Callback], verbose: int | str) -> list[Callback]:
@@ -57,7 +92,13 @@ def progress_callbacks(callbacks: list[Callback], verbose: int | str) -> list[Ca
 def fit(trainer: Trainer, train: Any, val: Any) -> History:
     """Run the fit whose sources and configuration the trainer has prepared."""
     epochs = trainer.fit_config["epochs"]
-    if 0 < epochs <= trainer._epochs_completed and trainer.batch_in_epoch == 0:
+    max_steps = trainer.fit_config.get("max_steps")
+    if max_steps is not None and max_steps <= trainer._step:
+        warnings.warn(
+            f"fit: nothing to train: the run is at step {trainer._step} and max_steps={max_steps} "
+            f"is the total to reach. To train n more steps, pass max_steps={trainer._step} + n.",
+            UserWarning, stacklevel=3)
+    elif epochs is not None and 0 < epochs <= trainer._epochs_completed and trainer.batch_in_epoch == 0:
         warnings.warn(
             f"fit: nothing to train: the run has completed {trainer._epochs_completed} epochs and "
             f"epochs={epochs} is the total to reach, not a number of new epochs. To train "
@@ -68,7 +109,7 @@ def fit(trainer: Trainer, train: Any, val: Any) -> History:
     first_step = trainer._step
     try:
         trainer.callbacks.call("on_fit_start", trainer)
-        _run(trainer, train, val, epochs)
+        _run(trainer, train, val, math.inf if epochs is None else epochs)
         if trainer._signal is not None:
             trainer.stop_reason = trainer._signal
     except BaseException as e:
@@ -90,11 +131,39 @@ def fit(trainer: Trainer, train: Any, val: Any) -> History:
     return trainer.history
 
 
-def _executions(trainer: Trainer, train: Any, epoch: int) -> Iterator[Any]:
-    return train.executions(epoch, trainer.batch_in_epoch, trainer.steps_per_execution)
+PREFETCH = 2  # executions on their way to the device: the one running and the next
 
 
-def _run(trainer: Trainer, train: Any, val: Any, epochs: int) -> None:
+def _executions(trainer: Trainer, train: Any, epoch: int) -> Iterator[Execution]:
+    """The epoch's executions from where the run is, each placed on the device one execution
+    ahead: the next batch's host-to-device copy overlaps the current step (jax dispatches
+    asynchronously). No more than ``max_steps`` needs are drawn from the data."""
+    max_steps = trainer.fit_config.get("max_steps")
+    limit = None if max_steps is None else max(max_steps - trainer._step, 0)
+    ahead: collections.deque[Execution] = collections.deque()
+    for ex in train.executions(epoch, trainer.batch_in_epoch, trainer.steps_per_execution,
+                               position=trainer._data_position, limit=limit):
+        ahead.append(_placed(trainer, ex))
+        if len(ahead) == PREFETCH:
+            yield ahead.popleft()
+    yield from ahead
+
+
+def _placed(trainer: Trainer, ex: Execution) -> Execution:
+    if trainer.mesh is None:
+        return dataclasses.replace(ex, batch=jax.device_put(ex.batch))
+    return dataclasses.replace(ex, batch=trainer._place_batch(ex.batch, ex.k > 1))
+
+
+def first_batch(trainer: Trainer, train: Any) -> Any:
+    """The first batch this fit trains on: an iterable opens at the run's position (and
+    keeps that iterator for the first epoch), so a resume inspects nothing twice."""
+    if trainer._es is None or not hasattr(train, "stream"):
+        return train.example()
+    return train.example(trainer._epochs_completed + 1, trainer.batch_in_epoch, trainer._data_position)
+
+
+def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
     cbs, engine = trainer.callbacks, trainer._engine
     assert engine is not None
     k_exec = trainer.steps_per_execution
@@ -105,6 +174,7 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: int) -> None:
         # "auto" chose a rolled scan: 1, not True (an unrolled convolution step).
         measure=lambda: (trainer.scan_unroll == "auto" and trainer.fit_config.get("scan_unroll") is not True))
     record_unroll = lambda u: trainer.fit_config.__setitem__("scan_unroll", u)  # noqa: E731 - trace time
+    max_steps, val_steps = trainer.fit_config.get("max_steps"), trainer.fit_config.get("validation_steps_freq")
     while trainer._epochs_completed < epochs and not trainer.stop_training:
         epoch = trainer._epochs_completed + 1
         trainer._epoch_under_way = epoch
@@ -120,12 +190,17 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: int) -> None:
             if ex.k > 1 and trainer.mesh is None:
                 trainer._es, loss = fusion.run(steps[ex.k], steps[1], trainer._es, ex, trainer._mask)
             else:
-                batch = trainer._place_batch(ex.batch, ex.k > 1)
-                trainer._es, loss = steps[ex.k](trainer._es, batch, trainer._mask(ex))
+                trainer._es, loss = steps[ex.k](trainer._es, ex.batch, trainer._mask(ex))
             trainer._step += ex.k
             trainer.batch_in_epoch += ex.k
+            trainer._data_position = ex.position
             if has_end:
                 cbs.call("on_train_batch_end", trainer, {"loss": loss} if loss is not None else {})
+            if val is not None and _step_validation_due(trainer, val_steps, ex.k, train.steps_per_epoch, epoch):
+                _validate(trainer, val, {"step": trainer._step})
+            if max_steps is not None and trainer._step >= max_steps:
+                trainer.stop_training = True
+                trainer.stop_reason = trainer.stop_reason or "max_steps"
             if trainer.stop_training:
                 break
         else:
@@ -137,16 +212,31 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: int) -> None:
             _end_epoch(trainer, epoch, val)
 
 
+def _step_validation_due(trainer: Trainer, every: int | None, k: int, per_epoch: int | None,
+                         epoch: int) -> bool:
+    """A validation every ``every`` steps is due, unless the epoch ends at this step and
+    validates anyway (no second run on the same state)."""
+    if not every or trainer._step // every == (trainer._step - k) // every:
+        return False
+    return not (trainer.batch_in_epoch == per_epoch and epoch % trainer.fit_config["validation_freq"] == 0)
+
+
 def _end_epoch(trainer: Trainer, epoch: int, val: Any) -> None:
     logs = trainer._engine.compute("train", trainer.engine_state.metrics)  # type: ignore[union-attr]
     _reset_metrics(trainer)
     if val is not None and epoch % trainer.fit_config["validation_freq"] == 0:
-        trainer.callbacks.call("on_validation_start", trainer)
-        val_logs = {f"val_{k}": v for k, v in trainer._evaluate_source(val).items()}
-        trainer.callbacks.call("on_validation_end", trainer, dict(val_logs))
-        logs.update(val_logs)
+        logs.update(_validate(trainer, val))
     trainer._epochs_completed, trainer.batch_in_epoch = epoch, 0
     trainer.callbacks.call("on_epoch_end", trainer, logs)
+
+
+def _validate(trainer: Trainer, val: Any, extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """Evaluate the validation data; ``on_validation_end`` gets the ``val_`` logs (and, for a
+    validation every ``validation_steps_freq`` steps, the ``step``)."""
+    trainer.callbacks.call("on_validation_start", trainer)
+    val_logs = {f"val_{k}": v for k, v in trainer._evaluate_source(val).items()}
+    trainer.callbacks.call("on_validation_end", trainer, {**val_logs, **(extra or {})})
+    return val_logs
 
 
 def _reset_metrics(trainer: Trainer) -> None:

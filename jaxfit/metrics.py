@@ -133,6 +133,7 @@ class _Scored:
     """Shared by AUC and MeanAveragePrecision: scores binned per class on the device."""
 
     kind = "roc"
+    default_name = "scored"
 
     def __init__(self, num_thresholds: int = 200, from_logits: bool = True, name: str | None = None) -> None:
         if not isinstance(num_thresholds, int) or num_thresholds < 2:

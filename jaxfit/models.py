@@ -143,10 +143,23 @@ class ModelAdapter:
             return params, _drop_intermediates(rest)
         args, kwargs = self.arguments(inputs)
         flags = tuple(sorted(self.flag_kwargs(False, kwargs).items()))
+        variables = _jitted_init(self.module, flags)(self._init_rngs(key), args, kwargs)
+        return self._split_variables(dict(variables))
 
+    def init_with_output(self, key: jax.Array, args: tuple, kwargs: dict,
+                         method: str | None = None) -> tuple[Any, Any, Any]:
+        """``(outputs, params, model_state)`` of a linen module initialised by exactly the call
+        a full-form loss makes (a VAE's ``model(x, key)``), in evaluation mode. Traceable."""
+        kwargs = {**self.flag_kwargs(False, kwargs), **kwargs} if method is None else kwargs
+        out, variables = self.module.init_with_output(self._init_rngs(key), *args, method=method, **kwargs)
+        return (out, *self._split_variables(dict(variables)))
+
+    @staticmethod
+    def _init_rngs(key: jax.Array) -> dict:
         params_key, dropout_key = jax.random.split(key)
-        variables = dict(_jitted_init(self.module, flags)({"params": params_key, "dropout": dropout_key},
-                                                           args, kwargs))
+        return {"params": params_key, "dropout": dropout_key}
+
+    def _split_variables(self, variables: dict) -> tuple[Any, Any]:
         params = variables.pop("params", {})
         for name in [n for n, col in variables.items() if n == "intermediates" or _is_sown(col)]:
             variables.pop(name)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import zlib
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import optax
 from flax import nnx, struct
 
 from jaxfit._reduce import resolve
+from jaxfit._tree import same_structure
 from jaxfit.data import split_dict
 from jaxfit.errors import ConfigError, DataError
 from jaxfit.losses import LOSSES
@@ -98,6 +99,9 @@ class TrainState:
     params: Any
     model_state: Any
     opt_state: Any
+
+    if TYPE_CHECKING:  # flax.struct adds it at run time
+        def replace(self, **changes: Any) -> TrainState: ...
 
 
 class Step:
@@ -246,6 +250,26 @@ class LossContext:
         return out
 
 
+class _InitContext(LossContext):
+    """The loss's context while initialising: the first model call creates the variables."""
+
+    def __init__(self, base: StepContext, adapter: ModelAdapter, init_key: jax.Array) -> None:
+        super().__init__(base, adapter, None, {})
+        self._init_key = init_key
+
+    def _call(self, method: str | None, args: tuple, kwargs: dict) -> Any:
+        if self.params is None:
+            out, self.params, self.model_state = self.adapter.init_with_output(
+                self._init_key, args, kwargs, method)
+            return out
+        return super()._call(method, args, kwargs)
+
+
+def _rows(batch: Any) -> int | None:
+    sizes = {leaf.shape[0] if getattr(leaf, "ndim", 0) else None for leaf in jax.tree_util.tree_leaves(batch)}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
 def _loss_value(loss: Any) -> jax.Array:
     """The scalar to differentiate: a scalar as is, ``Average`` as total / count."""
     if isinstance(loss, Average):
@@ -341,14 +365,23 @@ class LossStep(Step):
 
     # -- the Step protocol ---------------------------------------------------------
     def init(self, model: Any, batch: Any, key: jax.Array) -> TrainState:
-        inputs = self.split(batch, need_targets=False)[0] if self.form == "simple" else self.example_inputs(batch)
-        params, model_state = self.adapter.init(key, inputs)
+        if self.form == "full" and self.adapter.kind == "linen":
+            params, model_state = jax.jit(lambda b: self._init_by_loss(key, b))(batch)
+        else:
+            params, model_state = self.adapter.init(key, self.split(batch, need_targets=False)[0])
         return TrainState(params=params, model_state=model_state, opt_state=self.tx.init(params))
 
-    def example_inputs(self, batch: Any) -> Any:
-        """The model's inputs in a batch for the full form, for linen's init: the inputs
-        part of an (inputs, targets) pair or dict, else the batch."""
-        return self.split(batch, need_targets=False)[0]
+    def _init_by_loss(self, key: jax.Array, batch: Any) -> tuple[Any, Any]:
+        """A linen model initialised by the first call the full-form loss makes, so it is
+        called exactly as the loss calls it (``model(x, ctx.rng("z"))``, keywords, methods)."""
+        mask = None if (rows := _rows(batch)) is None else jnp.ones((rows,), jnp.float32)
+        ctx = _InitContext(StepContext(key=key, step=jnp.zeros((), jnp.int32), mask=mask, train=False),
+                           self.adapter, key)
+        self.loss_fn(ctx.model, batch, ctx)
+        if ctx.params is None:
+            raise ConfigError(f"the loss {self.loss_name} never calls model(...): a full-form loss "
+                              "computes the loss from the model's outputs")
+        return ctx.params, ctx.model_state
 
     def _loss(self, params: Any, model_state: Any, batch: Any, ctx: StepContext) -> tuple[jax.Array, Any]:
         lctx = LossContext(ctx, self.adapter, params, model_state)
@@ -373,9 +406,9 @@ class LossStep(Step):
         return self.adapter.call(state.params, state.model_state, args, kwargs, train=False,
                                  key=ctx.key, stream_key=stream_key)[0]
 
-    def check_targets(self, data: Any, state: TrainState) -> None:
-        """Integer class labels of array data must index the model's outputs: checked once,
-        vectorised, before the first step (out-of-range labels train to NaN or silently wrong)."""
+    def check_targets(self, data: Any, state: TrainState, where: str = "training data") -> None:
+        """Integer class labels must index the model's outputs: checked once, vectorised,
+        before the first step (out-of-range labels train to NaN or silently wrong)."""
         if self.form != "simple" or LOSSES.get(self.loss_name) is not LOSSES["softmax_cross_entropy"]:
             return
         try:
@@ -392,7 +425,7 @@ class LossStep(Step):
         lo, hi = int(y.min()), int(y.max())
         if classes is not None and (lo < 0 or hi >= classes):
             raise DataError(
-                f"training data: integer labels range from {lo} to {hi}, but the model has "
+                f"{where}: integer labels range from {lo} to {hi}, but the model has "
                 f"{classes} outputs, so labels must be in 0..{classes - 1}. Check the last "
                 "layer's size (num_classes) or re-encode the labels (np.unique(y, return_inverse=True))."
             )
@@ -413,13 +446,13 @@ def _merge_params(current: Any, given: Any, where: str) -> Any:
                 f"{sorted(current)}"
             )
         return {k: _merge_params(v, given[k], f"{where}.{k}") if k in given else v for k, v in current.items()}
-    if jax.tree_util.tree_structure(current) != jax.tree_util.tree_structure(given):
+    if not same_structure(current, given):
         raise ConfigError(f"initial_params: {where} has another structure than the model's params")
 
     def check(cur: Any, new: Any) -> Any:
-        new = jnp.asarray(new)
-        if new.shape != cur.shape:
-            raise ConfigError(f"initial_params: {where} has shape {new.shape}, the model expects {cur.shape}")
-        return new.astype(cur.dtype)
+        if tuple(jnp.shape(new)) != tuple(cur.shape):
+            raise ConfigError(f"initial_params: {where} has shape {jnp.shape(new)}, the model expects {cur.shape}")
+        # A copy: the train step donates its state, which must not delete the caller's arrays.
+        return jnp.array(new, dtype=cur.dtype, copy=True)
 
     return jax.tree_util.tree_map(check, current, given)

@@ -180,6 +180,7 @@ class Trainer:
         self._epoch_under_way: int | None = None
         self.batch_in_epoch = 0
         self._step = 0
+        self._data_position: Any = None  # an iterable's position after the last batch trained on
         self._masks: dict[Any, jax.Array] = {}
         self._signal: str | None = None
         self.run_id: str | None = None
@@ -283,6 +284,7 @@ class Trainer:
         self._batch_spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
         self._es = self._place_state(es)
         self._step, self._epochs_completed, self.batch_in_epoch = 0, 0, 0
+        self._data_position = None
         self._masks.clear()
 
     # ---------------------------------------------------------- placement
@@ -344,9 +346,10 @@ class Trainer:
         return m
 
     def _source(self, data: Any, what: str, *, batch_size: Any, shuffle: bool = False,
-                drop_remainder: bool = False) -> Any:
+                drop_remainder: bool = False, steps_per_epoch: int | None = None) -> Any:
         return make_source(data, batch_size=batch_size, shuffle=shuffle, seed=self.seed, what=what,
-                           drop_remainder=drop_remainder, pad_multiple=self._devices_on_data_axis())
+                           drop_remainder=drop_remainder, pad_multiple=self._devices_on_data_axis(),
+                           steps_per_epoch=steps_per_epoch)
 
     def _check_padding(self, src: Any, what: str, mode: str) -> None:
         """Refuse a mesh-padded last batch where the padding could change the result.
@@ -384,6 +387,10 @@ class Trainer:
         validation_batch_size: int | None = None,
         validation_freq: int | None = None,
         drop_remainder: bool | None = None,
+        validation_split: float | None = None,
+        steps_per_epoch: int | None = None,
+        max_steps: int | None = None,
+        validation_steps_freq: int | None = None,
         initial_params: Any = None,
         verbose: int | str | None = None,
     ) -> History:
@@ -401,9 +408,19 @@ class Trainer:
                 full-form loss or custom step), or a re-iterable of batches.
             drop_remainder: leave out the last, partial batch of array data (by default it
                 runs at its true size: one more compile, and every sample counts once).
+            steps_per_epoch: for an iterable: an epoch is this many batches of one stream
+                (an infinite one, or one whose passes run into each other), Keras's meaning.
+            max_steps: end the run at this total of train steps (Lightning's meaning; a
+                total kept by a resumed ``fit()``, like ``epochs``). Without ``epochs`` the
+                epochs are then unlimited. A run it stops mid-epoch resumes mid-epoch.
+            validation_steps_freq: also validate every this many train steps (callbacks
+                see it in ``on_validation_end``, whose logs then hold ``step``);
+                ``validation_freq`` counts epochs. See ``docs/data.md``.
             initial_params: params to start a new run from instead of the model's
                 initialisation: a whole params tree, or the subtrees to replace (a
                 pretrained backbone). Used once: a resumed run never re-applies them.
+            validation_split: a fraction in (0, 1): the last samples of array data (before
+                any shuffling, as in Keras) are held out as validation data.
             verbose: 0 silent, 1 a progress bar, 2 one line per epoch (Keras's meaning);
                 by default 1, through the ``jaxfit.progress`` plugin, unless a progress
                 callback is given.
@@ -421,10 +438,12 @@ class Trainer:
         args = self._fit_args
         given = dict(data=data, validation_data=validation_data, epochs=epochs, batch_size=batch_size,
                      validation_batch_size=validation_batch_size, shuffle=shuffle,
-                     validation_freq=validation_freq, drop_remainder=drop_remainder, verbose=verbose)
+                     validation_freq=validation_freq, drop_remainder=drop_remainder, verbose=verbose,
+                     validation_split=validation_split, steps_per_epoch=steps_per_epoch,
+                     max_steps=max_steps, validation_steps_freq=validation_steps_freq)
         args.update({k: v for k, v in given.items() if v is not None})
         # Defaults only for a new run: a resumed fit() keeps the run's shuffle and frequency.
-        for key, default in (("epochs", 1), ("shuffle", True), ("validation_freq", 1),
+        for key, default in (("shuffle", True), ("validation_freq", 1),
                              ("drop_remainder", False), ("verbose", 1)):
             args.setdefault(key, default)
         if callbacks is not None:
@@ -449,20 +468,23 @@ class Trainer:
         # initialisation too (they take effect before the first step).
         with loop.signals(self):
             try:
-                return self._prepare_and_run(args, initial_params)
+                return self._prepare_and_run(args, initial_params, given)
             finally:
                 self.callbacks.call("teardown", self)
 
-    def _prepare_and_run(self, args: dict[str, Any], initial_params: Any) -> History:
+    def _prepare_and_run(self, args: dict[str, Any], initial_params: Any, given: dict[str, Any]) -> History:
         self.callbacks.call("setup", self)
 
-        train = self._source(args["data"], "training data", batch_size=args.get("batch_size"),
-                             shuffle=args["shuffle"], drop_remainder=args["drop_remainder"])
+        data, val_data = _split_validation(args["data"], args.get("validation_data"), args.get("validation_split"))
+        train = self._source(data, "training data", batch_size=args.get("batch_size"),
+                             shuffle=args["shuffle"], drop_remainder=args["drop_remainder"],
+                             steps_per_epoch=args.get("steps_per_epoch"))
         val = None
-        if args.get("validation_data") is not None:
-            val = self._source(args["validation_data"], "validation data",
+        if val_data is not None:
+            val = self._source(val_data, "validation data",
                                batch_size=args.get("validation_batch_size") or args.get("batch_size"))
-        first = train.example()
+        loop.check_sources(given, train, val)
+        first = loop.first_batch(self, train)
         self._check_divisible(loop.rows_of(first))
         if self._es is None:
             self._init_state(first, initial_params)
@@ -477,8 +499,9 @@ class Trainer:
             log = log + [f"val_{m}" for m in self._engine.log_names("eval")]  # type: ignore[union-attr]
         self._check_targets(train)
         self.log_names = log + [k for cb in self.callbacks for k in cb.log_keys if k not in log]
-        self.fit_config = dict(epochs=int(args["epochs"]), batch_size=train.batch_size,
-                               steps_per_epoch=train.steps_per_epoch,
+        self.fit_config = dict(epochs=loop.epochs_of(args, train.steps_per_epoch), batch_size=train.batch_size,
+                               steps_per_epoch=train.steps_per_epoch, max_steps=args.get("max_steps"),
+                               validation_steps_freq=args.get("validation_steps_freq"),
                                steps_per_execution=self.steps_per_execution, has_validation=val is not None,
                                validation_freq=args["validation_freq"])
         return loop.fit(self, train, val)
@@ -497,8 +520,13 @@ class Trainer:
 
     def _check_targets(self, source: Any) -> None:
         step = self._step_obj
-        if isinstance(step, LossStep) and hasattr(source, "data"):
+        if not isinstance(step, LossStep):
+            return
+        if hasattr(source, "data"):  # arrays: every label, once
             step.check_targets(source.data, self.state)
+        else:  # an iterable: its batches are not known ahead; the first one is checked
+            step.check_targets(source.example(), self.state,
+                               "training data (checked on the iterable's first batch only)")
 
     def check_monitor(self, name: str, owner: Any = None) -> None:
         """Raise ``MonitorError`` unless ``name`` will be in the epoch logs."""
@@ -615,6 +643,28 @@ class Trainer:
         from jaxfit.checkpoint import load_trainer
 
         return load_trainer(path, **kwargs)
+
+
+def _split_validation(data: Any, val: Any, split: float | None) -> tuple[Any, Any]:
+    """``(training, validation)`` data: Keras's ``validation_split`` holds out the last
+    ``split`` of the samples, taken before any shuffling."""
+    if split is None:
+        return data, val
+    if isinstance(split, bool) or not isinstance(split, (float, int)) or not 0 < split < 1:
+        raise ConfigError(f"validation_split must be a fraction between 0 and 1, got {split!r}")
+    if val is not None:
+        raise ConfigError("give validation_data= or validation_split=, not both")
+    leaves = jax.tree_util.tree_leaves(data)
+    if not leaves or not all(hasattr(a, "shape") and getattr(a, "ndim", 0) for a in leaves) or isinstance(data, list):
+        raise ConfigError(
+            "validation_split= works on array data ((x, y), a dict of arrays), as in Keras; for an "
+            "iterable of batches pass validation_data= instead"
+        )
+    n = leaves[0].shape[0]
+    cut = int(np.floor(n * (1.0 - split)))
+    if cut in (0, n):
+        raise ConfigError(f"validation_split={split} of {n} samples leaves an empty training or validation set")
+    return (jax.tree_util.tree_map(lambda a: a[:cut], data), jax.tree_util.tree_map(lambda a: a[cut:], data))
 
 
 def _placed_like(value: Any, current: Any, what: str) -> Any:

@@ -92,3 +92,29 @@ def test_a_fit_failing_before_it_starts_releases_the_run_directory(tmp_path, dat
     make_trainer().fit(MLP(), (x, y), epochs=1, batch_size=16, verbose=0,
                        callbacks=[ModelCheckpoint(tmp_path / "run")])
     assert any(p.name.startswith("ckpt-") for p in (tmp_path / "run").iterdir())
+
+
+def test_labels_of_an_iterables_first_batch_are_checked_and_the_message_says_so(data):
+    x, y = data
+    batches = [(x[:16], np.where(y[:16] == 2, 5, y[:16])), (x[16:32], y[16:32])]
+    with pytest.raises(DataError, match=r"checked on the iterable's first batch only.*range from 0 to 5"):
+        make_trainer().fit(MLP(), batches, epochs=1, verbose=0)
+
+
+def test_validation_split_holds_out_the_last_fraction_before_shuffling(data):
+    x, y = data  # 70 samples: Keras keeps floor(70 * 0.8) = 56 for training
+    a, b = make_trainer(), make_trainer()
+    a.fit(MLP(), (x, y), validation_split=0.2, epochs=2, batch_size=16, verbose=0)
+    b.fit(MLP(), (x[:56], y[:56]), validation_data=(x[56:], y[56:]), epochs=2, batch_size=16, verbose=0)
+    assert a.history.history == b.history.history
+    assert a.step == 8  # 56 samples in batches of 16
+
+
+def test_validation_split_needs_array_data_and_no_validation_data(data):
+    x, y = data
+    with pytest.raises(ConfigError, match="validation_data= or validation_split=, not both"):
+        make_trainer().fit(MLP(), (x, y), validation_data=(x, y), validation_split=0.1, verbose=0)
+    with pytest.raises(ConfigError, match="works on array data"):
+        make_trainer().fit(MLP(), [(x, y)], validation_split=0.1, verbose=0)
+    with pytest.raises(ConfigError, match="fraction between 0 and 1"):
+        make_trainer().fit(MLP(), (x, y), validation_split=1.5, verbose=0)
