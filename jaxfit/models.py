@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import zlib
 from typing import Any
 
 import jax
@@ -143,23 +144,29 @@ class ModelAdapter:
             return params, _drop_intermediates(rest)
         args, kwargs = self.arguments(inputs)
         flags = tuple(sorted(self.flag_kwargs(False, kwargs).items()))
-        variables = _jitted_init(self.module, flags)(self._init_rngs(key), args, kwargs)
-        return self._split_variables(dict(variables))
+        init = _jitted_init(self.module, flags)
+        return self.split_variables(self.init_streams(key, lambda rngs: init(rngs, args, kwargs)))
 
-    def init_with_output(self, key: jax.Array, args: tuple, kwargs: dict,
-                         method: str | None = None) -> tuple[Any, Any, Any]:
-        """``(outputs, params, model_state)`` of a linen module initialised by exactly the call
-        a full-form loss makes (a VAE's ``model(x, key)``), in evaluation mode. Traceable."""
-        kwargs = {**self.flag_kwargs(False, kwargs), **kwargs} if method is None else kwargs
-        out, variables = self.module.init_with_output(self._init_rngs(key), *args, method=method, **kwargs)
-        return (out, *self._split_variables(dict(variables)))
-
-    @staticmethod
-    def _init_rngs(key: jax.Array) -> dict:
+    def init_streams(self, key: jax.Array, init: Any) -> Any:
+        """``init(rngs)`` with keys for ``"params"``, ``"dropout"`` and every other stream the
+        model asks for while it initialises (seq2seq's ``"lstm"``)."""
         params_key, dropout_key = jax.random.split(key)
-        return {"params": params_key, "dropout": dropout_key}
+        rngs = {"params": params_key, "dropout": dropout_key}
+        for _ in range(16):
+            try:
+                return init(rngs)
+            except flax_errors.InvalidRngError as e:
+                name = missing_stream(e)
+                if name is None or name in rngs:
+                    raise
+                if name not in self.streams:
+                    self.streams.append(name)
+                rngs = {**rngs, name: jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)}
+        raise ConfigError("the model asks for more than 16 RNG streams while it initialises")
 
-    def _split_variables(self, variables: dict) -> tuple[Any, Any]:
+    def split_variables(self, variables: Any) -> tuple[Any, Any]:
+        """(params, model_state) of linen variables; sown collections are left out."""
+        variables = dict(variables)
         params = variables.pop("params", {})
         for name in [n for n, col in variables.items() if n == "intermediates" or _is_sown(col)]:
             variables.pop(name)

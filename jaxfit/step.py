@@ -251,23 +251,19 @@ class LossContext:
 
 
 class _InitContext(LossContext):
-    """The loss's context while initialising: the first model call creates the variables."""
-
-    def __init__(self, base: StepContext, adapter: ModelAdapter, init_key: jax.Array) -> None:
-        super().__init__(base, adapter, None, {})
-        self._init_key = init_key
+    """The loss's context while ``LossStep.init`` runs it: the first model call initialises."""
 
     def _call(self, method: str | None, args: tuple, kwargs: dict) -> Any:
-        if self.params is None:
-            out, self.params, self.model_state = self.adapter.init_with_output(
-                self._init_key, args, kwargs, method)
-            return out
-        return super()._call(method, args, kwargs)
-
-
-def _rows(batch: Any) -> int | None:
-    sizes = {leaf.shape[0] if getattr(leaf, "ndim", 0) else None for leaf in jax.tree_util.tree_leaves(batch)}
-    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+        if self.params is not None:
+            return super()._call(method, args, kwargs)
+        a = self.adapter
+        kw = {**a.flag_kwargs(False, kwargs), **kwargs} if method is None else kwargs
+        out, variables = a.init_streams(
+            # mutable=True: linen's init leaves "intermediates" out, and the loss reads ctx.sown.
+            self.key, lambda rngs: a.module.init_with_output(rngs, *args, method=method, mutable=True, **kw))
+        self.params, self.model_state = a.split_variables(variables)
+        self.sown = {name: variables[name] for name in a.sown if name in variables}
+        return out
 
 
 def _loss_value(loss: Any) -> jax.Array:
@@ -366,22 +362,32 @@ class LossStep(Step):
     # -- the Step protocol ---------------------------------------------------------
     def init(self, model: Any, batch: Any, key: jax.Array) -> TrainState:
         if self.form == "full" and self.adapter.kind == "linen":
-            params, model_state = jax.jit(lambda b: self._init_by_loss(key, b))(batch)
+            params, model_state = self._init_by_loss(batch, key)
         else:
-            params, model_state = self.adapter.init(key, self.split(batch, need_targets=False)[0])
+            inputs = self.split(batch, need_targets=False)[0] if self.form == "simple" else self.example_inputs(batch)
+            params, model_state = self.adapter.init(key, inputs)
         return TrainState(params=params, model_state=model_state, opt_state=self.tx.init(params))
 
-    def _init_by_loss(self, key: jax.Array, batch: Any) -> tuple[Any, Any]:
-        """A linen model initialised by the first call the full-form loss makes, so it is
-        called exactly as the loss calls it (``model(x, ctx.rng("z"))``, keywords, methods)."""
-        mask = None if (rows := _rows(batch)) is None else jnp.ones((rows,), jnp.float32)
-        ctx = _InitContext(StepContext(key=key, step=jnp.zeros((), jnp.int32), mask=mask, train=False),
-                           self.adapter, key)
-        self.loss_fn(ctx.model, batch, ctx)
-        if ctx.params is None:
-            raise ConfigError(f"the loss {self.loss_name} never calls model(...): a full-form loss "
-                              "computes the loss from the model's outputs")
-        return ctx.params, ctx.model_state
+    def _init_by_loss(self, batch: Any, key: jax.Array) -> tuple[Any, Any]:
+        """linen variables from the first model call the full-form loss makes, in evaluation
+        mode: its arguments need not be in the batch (a VAE's sampling key ``ctx.rng("z")``)."""
+        rows = {getattr(a, "shape", (None,))[:1] for a in jax.tree_util.tree_leaves(batch)}
+        mask = jnp.ones(rows.pop(), jnp.float32) if len(rows) == 1 and None not in rows and () not in rows else None
+
+        def run(batch: Any, key: jax.Array) -> tuple[Any, Any]:
+            ctx = StepContext(key=key, step=jnp.zeros((), jnp.int32), mask=mask, train=False)
+            lctx = _InitContext(ctx, self.adapter, None, {})
+            self.loss_fn(lctx.model, batch, lctx)
+            if lctx.params is None:
+                raise ConfigError(f"the loss {self.loss_name} never calls model(...): nothing to initialise")
+            return lctx.params, lctx.model_state
+
+        return jax.jit(run)(batch, key)
+
+    def example_inputs(self, batch: Any) -> Any:
+        """The model's inputs in a batch for the full form, for linen's init: the inputs
+        part of an (inputs, targets) pair or dict, else the batch."""
+        return self.split(batch, need_targets=False)[0]
 
     def _loss(self, params: Any, model_state: Any, batch: Any, ctx: StepContext) -> tuple[jax.Array, Any]:
         lctx = LossContext(ctx, self.adapter, params, model_state)
@@ -450,8 +456,9 @@ def _merge_params(current: Any, given: Any, where: str) -> Any:
         raise ConfigError(f"initial_params: {where} has another structure than the model's params")
 
     def check(cur: Any, new: Any) -> Any:
-        if tuple(jnp.shape(new)) != tuple(cur.shape):
-            raise ConfigError(f"initial_params: {where} has shape {jnp.shape(new)}, the model expects {cur.shape}")
+        new = jnp.asarray(new)
+        if new.shape != cur.shape:
+            raise ConfigError(f"initial_params: {where} has shape {new.shape}, the model expects {cur.shape}")
         # A copy: the train step donates its state, which must not delete the caller's arrays.
         return jnp.array(new, dtype=cur.dtype, copy=True)
 
