@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxfit import _tree
+from jaxfit._placement import local_snapshot
 from jaxfit.callback import CallbackList
 from jaxfit.errors import ConfigError
 
@@ -27,7 +28,7 @@ STATE_FORMAT = 2
 def state_dict(trainer: Trainer) -> dict[str, Any]:
     return {
         "format": STATE_FORMAT,
-        "train_state": _tree.to_dict(trainer.engine_state),
+        "train_state": _snapshot(trainer.engine_state),
         "step": trainer._step,
         "epoch": trainer._epochs_completed,
         "batch_in_epoch": trainer.batch_in_epoch,
@@ -62,10 +63,11 @@ def load_state_dict(trainer: Trainer, sd: dict[str, Any]) -> None:
                                       trainer._source(data, "training data",
                                                       batch_size=trainer._fit_args.get("batch_size")).example())
     assert trainer._engine is not None
-    template = trainer._engine.init_state(trainer._model, spec, abstract=True)
+    template = trainer._engine.init_state(trainer._model, spec, abstract=True, plan=trainer._plan)
     restored = _tree.from_dict(template, sd["train_state"], "train_state")
-    # Fresh device buffers, so the first resumed step can donate them.
-    trainer._es = trainer._place_state(jax.tree_util.tree_map(lambda a: jax.device_put(a), restored))
+    # Fresh device buffers, so the first resumed step can donate them; on a mesh each device
+    # gets its slices of the saved (global) arrays, whatever mesh saved them.
+    trainer._es = trainer._place_host_state(restored)
     trainer._batch_spec = spec
     trainer._masks.clear()
     trainer._step, trainer._epochs_completed = int(sd["step"]), int(sd["epoch"])
@@ -83,12 +85,33 @@ def recipe(trainer: Trainer) -> dict[str, Any]:
                         seed=trainer.seed, step=trainer.custom_step,
                         steps_per_execution=trainer.steps_per_execution, scan_unroll=trainer.scan_unroll,
                         input_keys=trainer.input_keys, target_keys=trainer.target_keys,
-                        handle_signals=trainer.handle_signals, data_axis=trainer.data_axis),
+                        handle_signals=trainer.handle_signals, data_axis=trainer.data_axis,
+                        **_layout(trainer)),
         "model": trainer._model,
         "callbacks": list(trainer._user_callbacks),
         "fit": dict(trainer._fit_args),
         "batch_spec": trainer._batch_spec,
     }
+
+
+def _snapshot(es: Any) -> dict:
+    # Every array is fetched whole to the host (device_get assembles a sharded leaf from its
+    # shards). With several processes, a leaf split across them is built from this
+    # process's shards, which must cover it.
+    return _tree.to_dict(local_snapshot(es) if jax.process_count() > 1 else es)
+
+
+def _layout(trainer: Trainer) -> dict[str, Any]:
+    """The layout arguments, only when set: a recipe without them loads in older jaxfit and
+    ``from_recipe`` drops them when the run is loaded without a mesh."""
+    out: dict[str, Any] = {}
+    if trainer.rules:
+        out["rules"] = list(trainer.rules)
+    if trainer.param_rules:
+        out["param_rules"] = list(trainer.param_rules)
+    if trainer.data_axes is not None:
+        out["data_axes"] = tuple(trainer.data_axes)
+    return out
 
 
 @functools.lru_cache(maxsize=8)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxfit.errors import ShapeError
+from jaxfit._placement import state_shardings, unalias, unbox_linen
+from jaxfit.errors import ConfigError, ShapeError
 from jaxfit.hyperparams import HyperparamSlot, find_slots, node_at, with_values
 from jaxfit.metrics import Average, MetricState, as_state, merge
 from jaxfit.step import Step, StepContext
@@ -66,14 +67,42 @@ class Engine:
         self._zeros: dict[str, Callable] = {}
         self.templates: dict[str, Any] = {}
         self.order: dict[str, list[str]] = {}
+        # On a mesh (init_state with a plan): the EngineState's NamedSharding tree, pinned
+        # as the programs' out_shardings so the layout never drifts (or gathers).
+        self.shardings: EngineState | None = None
+        self.replicated: Any = None
 
     # ------------------------------------------------------------------ state
-    def init_state(self, model: Any, batch: Any, *, abstract: bool = False) -> EngineState:
+    def init_state(self, model: Any, batch: Any, *, abstract: bool = False,
+                   plan: Any = None) -> EngineState:
         """The initial ``EngineState`` for ``model`` and an example batch; with
-        ``abstract=True`` only its shapes and dtypes (nothing is computed or compiled)."""
+        ``abstract=True`` only its shapes and dtypes (nothing is computed or compiled).
+
+        Linen partitioning boxes (``nn.Partitioned``) are unboxed: the step sees arrays.
+        With a ``plan`` (``jaxfit.sharding.ShardingPlan``), ``self.shardings`` becomes the
+        state's layout (params as annotated, optimizer state and EMA copies like their
+        params) and the concrete state is computed directly sharded.
+        """
         fn = lambda b: self.step.init(model, b, self.init_key)  # noqa: E731
-        state = jax.eval_shape(fn, batch) if abstract else _unaliased(fn(batch))
-        return self.wrap(state, batch, abstract=abstract)
+        if plan is None and not abstract:
+            return self.wrap(unalias(unbox_linen(fn(batch))), batch)
+        boxed = jax.eval_shape(fn, batch)
+        es = self.wrap(unbox_linen(boxed), batch, abstract=True)
+        if plan is not None:
+            try:
+                params = self.step.params(boxed)
+            except ConfigError:  # a custom state without params: match leaves to each other
+                params = boxed
+            self.shardings = state_shardings(plan, es.replace(state=boxed), es, params)
+            self.replicated = plan.replicated
+        if abstract:
+            return es
+        # The jitted init writes every shard straight onto its device.
+        assert self.shardings is not None
+        init = jax.jit(lambda b: unbox_linen(fn(b)), out_shardings=self.shardings.state)
+        return EngineState(step=jnp.zeros((), jnp.int32), state=unalias(init(batch)),
+                           hp_scales={n: jnp.ones((), jnp.float32) for n in self.slots},
+                           metrics=self.zero_metrics("train"))
 
     def wrap(self, state: Any, batch: Any, *, abstract: bool = False) -> EngineState:
         """An ``EngineState`` around the step's state, with zeroed metric sums."""
@@ -164,7 +193,9 @@ class Engine:
                 return body(*args)
 
             # The whole EngineState is donated: XLA updates params and optimizer state in place.
-            fn = self._compiled[key] = jax.jit(counted, donate_argnums=(0,))
+            pinned: dict[str, Any] = {} if self.shardings is None else {
+                "out_shardings": (self.shardings, self.replicated)}
+            fn = self._compiled[key] = jax.jit(counted, donate_argnums=(0,), **pinned)
         return fn
 
     def _train_one(self, schedules: dict[str, Callable]) -> Callable:
@@ -192,7 +223,8 @@ class Engine:
                 ctx = StepContext(key=jax.random.fold_in(base, index), step=index, mask=mask, train=False)
                 return merge(acc, self._as_states(step.eval_step(state, batch, ctx), ctx))
 
-            fn = self._compiled["eval"] = jax.jit(run, donate_argnums=(1,))
+            pinned: dict[str, Any] = {} if self.shardings is None else {"out_shardings": self.replicated}
+            fn = self._compiled["eval"] = jax.jit(run, donate_argnums=(1,), **pinned)
         return fn
 
     def predict_fn(self) -> Callable:
@@ -211,21 +243,6 @@ class Engine:
 
     def clear(self) -> None:
         self._compiled.clear()
-
-
-def _unaliased(state: Any) -> Any:
-    """``state`` with every array appearing once: the train step donates the state, and one
-    buffer cannot be donated twice (``{"params": p, "ema": p}`` from a custom ``init``)."""
-    seen: set[int] = set()
-
-    def once(leaf: Any) -> Any:
-        if isinstance(leaf, jax.Array):
-            if id(leaf) in seen:
-                return jnp.copy(leaf)
-            seen.add(id(leaf))
-        return leaf
-
-    return jax.tree_util.tree_map(once, state)
 
 
 def apply_schedules(state: Any, slots: dict[str, HyperparamSlot], schedules: dict[str, Callable],

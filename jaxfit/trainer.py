@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from jaxfit import _state, loop
+from jaxfit._placement import place_host
 from jaxfit._reduce import resolve
 from jaxfit.callback import Callback, CallbackList
 from jaxfit.data import Execution, make_source
@@ -57,11 +58,23 @@ class Trainer:
             ``"y"``/``"target(s)"``, inputs the rest).
         handle_signals: while ``fit`` runs, turn SIGTERM / SIGINT into a clean stop that
             checkpoints (see ``fit``).
-        mesh: a ``jax.sharding.Mesh`` for data-parallel training: the state is replicated
-            on every device and each batch is split along ``data_axis``. With several
-            processes (``jax.distributed.initialize()`` first), every process runs the same
-            ``fit`` on the same data and feeds its own devices their rows.
-        data_axis: the mesh axis that batches are split along.
+        mesh: a ``jax.sharding.Mesh`` to train on (``docs/scaling.md``). Params are laid
+            out as their flax partitioning metadata says (``nn.with_partitioning`` mesh
+            axes, ``nn.with_logical_partitioning`` names mapped by ``rules``, nnx
+            ``out_sharding``), else by ``param_rules``, else replicated; optimizer state
+            and a custom step's EMA copies are sharded like their params; each batch is
+            split over ``data_axes``. The state is initialised directly sharded and every
+            program keeps that layout. No annotations and no rules: data-parallel. With
+            several processes (``jax.distributed.initialize()`` first), every process runs
+            the same ``fit`` on the same data and feeds its own devices their rows.
+        rules: flax ``logical_axis_rules``, ``[(logical_name, mesh_axis | None), ...]``,
+            for ``nn.with_logical_partitioning`` names (needs ``mesh``).
+        param_rules: ``[(path_regex, PartitionSpec), ...]`` for params without metadata:
+            the first regex that ``re.search``-matches the param's path (``"Dense_0/kernel"``)
+            gives its layout (needs ``mesh``).
+        data_axes: the mesh axes a batch's leading dim is split over, e.g.
+            ``("data", "fsdp")``; by default ``(data_axis,)``.
+        data_axis: the one mesh axis batches are split along when ``data_axes`` is not given.
 
     Example:
         >>> import numpy as np, optax, flax.linen as nn
@@ -90,6 +103,9 @@ class Trainer:
         handle_signals: bool = True,
         mesh: jax.sharding.Mesh | None = None,
         data_axis: str = "data",
+        rules: Sequence[tuple[str, Any]] = (),
+        param_rules: Sequence[tuple[str, Any]] = (),
+        data_axes: Sequence[str] | None = None,
     ) -> None:
         if isinstance(metrics, (str, bytes)) or callable(metrics):
             metrics = [metrics]  # type: ignore[list-item]
@@ -127,15 +143,24 @@ class Trainer:
         self.steps_per_execution, self.scan_unroll = steps_per_execution, scan_unroll
         self.input_keys, self.target_keys = input_keys, target_keys
         self.handle_signals = handle_signals
-        if mesh is not None and data_axis not in mesh.axis_names:
+        if mesh is not None and data_axes is None and data_axis not in mesh.axis_names:
             raise ConfigError(f"data_axis {data_axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
+        if mesh is None and (rules or param_rules or data_axes is not None):
+            raise ConfigError("rules=, param_rules= and data_axes= lay the state out on a mesh: "
+                              "pass mesh=jax.make_mesh(...) too")
+        self._plan = None
         if mesh is not None:
+            from jaxfit.sharding import ShardingPlan
+
             # jax.make_mesh defaults to Explicit axes, under which flax layers (dropout's
-            # select, for one) reject mixed shardings. The trainer places every array itself,
-            # so it uses the mesh's devices with Auto axes and lets XLA propagate shardings.
-            auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
-            mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+            # select, for one) reject mixed shardings: the plan uses the mesh's devices with
+            # Auto axes and lets XLA propagate shardings inside the step.
+            self._plan = ShardingPlan(mesh, rules=rules, param_rules=param_rules,
+                                      data_axes=(data_axis,) if data_axes is None else tuple(data_axes))
+            mesh = self._plan.mesh
         self.mesh, self.data_axis = mesh, data_axis
+        self.rules, self.param_rules = list(rules), list(param_rules)
+        self.data_axes = None if data_axes is None else tuple(data_axes)
         self.loss_name = getattr(loss, "__name__", loss) if self.form != "custom" else type(step).__name__
 
         self.hyperparams = HyperParams(self)
@@ -251,7 +276,7 @@ class Trainer:
     def _init_state(self, batch: Any, initial_params: Any = None) -> None:
         """Create the step's state from an example batch (and given initial params)."""
         assert self._engine is not None and self._step_obj is not None
-        es = self._engine.init_state(self._model, batch)
+        es = self._engine.init_state(self._model, batch, plan=self._plan)
         if initial_params is not None:
             if not isinstance(self._step_obj, LossStep):
                 raise ConfigError("initial_params= is for the built-in step; a custom step's init sets its params")
@@ -264,21 +289,28 @@ class Trainer:
 
     # ---------------------------------------------------------- placement
     def _place_state(self, state: Any) -> Any:
-        """Replicate the state over the mesh; without a mesh, leave placement to jax."""
-        if self.mesh is None:
+        """The EngineState on its plan's shardings, anything else (metric sums) replicated
+        over the mesh; without a mesh, leave placement to jax."""
+        if self._plan is None:
             return state
-        from jax.sharding import NamedSharding, PartitionSpec
+        if isinstance(state, EngineState) and self._engine is not None and self._engine.shardings is not None:
+            return jax.device_put(state, self._engine.shardings)
+        return jax.device_put(state, self._plan.replicated)
 
-        return jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
+    def _place_host_state(self, state: Any) -> Any:
+        """A restored (host) EngineState onto fresh device buffers (the first resumed step
+        donates them); on a mesh each device receives only its slices."""
+        if self._plan is None:
+            return jax.tree_util.tree_map(lambda a: jax.device_put(a), state)
+        assert self._engine is not None and self._engine.shardings is not None
+        return place_host(state, self._engine.shardings)
 
     def _place_batch(self, tree: Any, stacked: bool) -> Any:
         """Split a batch along the data axis of the mesh (a no-op without a mesh)."""
         if self.mesh is None or tree is None:
             return tree
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        spec = PartitionSpec(None, self.data_axis) if stacked else PartitionSpec(self.data_axis)
-        sharding = NamedSharding(self.mesh, spec)
+        assert self._plan is not None
+        sharding = self._plan.batch_sharding(stacked)
         if jax.process_count() > 1:
             # Every process holds the same global batch (same data, seed and order); each
             # one hands its own devices their rows, whatever the mesh's device layout.
@@ -287,14 +319,18 @@ class Trainer:
         return jax.device_put(tree, sharding)
 
     def _devices_on_data_axis(self) -> int:
-        return 1 if self.mesh is None else int(self.mesh.shape[self.data_axis])
+        return 1 if self._plan is None else self._plan.data_size
+
+    def _data_axes_desc(self) -> str:
+        axes = self._plan.data_axes if self._plan is not None else (self.data_axis,)
+        return f"mesh axis {axes[0]!r}" if len(axes) == 1 else f"mesh axes {axes}"
 
     def _check_divisible(self, batch: int | None) -> None:
         n = self._devices_on_data_axis()
         if batch is not None and batch % n:
             raise ConfigError(
-                f"batch size {batch} does not split evenly over the {n} devices of mesh axis "
-                f"{self.data_axis!r}: use a multiple of {n}"
+                f"batch size {batch} does not split evenly over the {n} devices of "
+                f"{self._data_axes_desc()}: use a multiple of {n}"
             )
 
     def _mask(self, ex: Execution) -> jax.Array | None:
@@ -332,7 +368,7 @@ class Trainer:
             return
         raise ConfigError(
             f"{what}: its last batch of {src.partial_rows} samples does not split over the "
-            f"{self._devices_on_data_axis()} devices of mesh axis {self.data_axis!r}, and padding "
+            f"{self._devices_on_data_axis()} devices of {self._data_axes_desc()}, and padding "
             "it would change what this model or loss computes over the batch (batch "
             "statistics, a full-form loss, a custom step). Pass drop_remainder=True to fit, "
             "or use a number of samples that splits evenly."
@@ -569,9 +605,18 @@ class Trainer:
         """A trainer with the model, callbacks and fit arguments of ``recipe``, no state yet.
 
         ``overrides`` replace constructor arguments, e.g. ``mesh=`` (a mesh names this
-        machine's devices, so it is never part of a recipe).
+        machine's devices, so it is never part of a recipe): the run's ``rules``,
+        ``param_rules`` and ``data_axes`` lay the state out on that mesh, whatever mesh or
+        device count saved it; without ``mesh=`` the run resumes on one device.
         """
-        trainer = cls(**{**recipe["trainer"], **overrides})
+        args = {**recipe["trainer"], **overrides}
+        # On one device the layout is kept (unused) so that the run's next checkpoints
+        # still carry it to a later resume on a mesh.
+        layout = {n: args.pop(n) for n in ("rules", "param_rules", "data_axes")
+                  if n in args and args.get("mesh") is None and n not in overrides}
+        trainer = cls(**args)
+        for name, value in layout.items():
+            setattr(trainer, name, value)
         model = recipe["model"]
         trainer._set_model(trainer.custom_step if model is None and trainer.custom_step is not None else model)
         trainer._user_callbacks = list(recipe.get("callbacks", []))

@@ -1,0 +1,83 @@
+"""Subprocess side of the two-process FSDP kill-and-resume test (test_trainer_multihost.py).
+
+Usage: python tests/multihost_kill_worker.py MODE PROCESS_ID PORT RUN_DIR OUT
+  full    train 3 epochs with checkpoints every 3 steps; process 0 dumps params and history to OUT
+  kill    the same, and with MH_KILL=1 both processes SIGKILL themselves after step 7 (not a
+          checkpoint step: the run dies mid-epoch with the step-6 checkpoint newest)
+  resume  Trainer.load(RUN_DIR, mesh=...).fit() on both processes; process 0 dumps to OUT
+
+The mesh is (2, 4) ("data", "fsdp") over both processes' 4 CPU devices each, one row per
+process: FSDP inside each host, data-parallel across the two.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # this checkout's jaxfit, and the test models
+
+import jax
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+MODE, PID, PORT, RUN, OUT = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+jax.distributed.initialize(f"localhost:{PORT}", num_processes=2, process_id=PID)
+
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from jaxfit.callbacks import ModelCheckpoint
+from sharding_models import Block, adam, data
+
+from jaxfit import Callback, Trainer
+
+KILL_AT = 7
+
+
+class Killer(Callback):
+    """SIGKILLs this process after step ``at`` (order 300: after ModelCheckpoint), once the
+    run's newest checkpoint is the one of step ``at - 1`` (process 1 writes nothing itself)."""
+
+    order = 300
+
+    def __init__(self, at, run):
+        self.at, self.run = at, run
+
+    def on_train_batch_end(self, trainer, logs):
+        if os.environ.get("MH_KILL") != "1" or trainer.step != self.at:
+            return  # the resumed processes restore this callback too: it must not fire again
+        jax.block_until_ready(trainer.engine_state)  # both processes finish step 7's collectives
+        latest = os.path.join(self.run, "latest")
+        while not (os.path.exists(latest) and Path(latest).read_text().strip().endswith(f"step{self.at - 1}")):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def mesh():
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices).reshape(2, 4), ("data", "fsdp"))
+
+
+def dump(trainer):
+    params = multihost_utils.process_allgather(trainer.params, tiled=True)
+    if PID == 0:
+        with open(OUT, "w") as f:
+            json.dump({"history": trainer.history.history, "step": trainer.step,
+                       "spec": str(trainer.params["up"]["kernel"].sharding.spec),
+                       "params": [np.asarray(a).ravel().tolist() for a in jax.tree_util.tree_leaves(params)]}, f)
+
+
+if MODE == "resume":
+    trainer = Trainer.load(RUN, mesh=mesh())
+    trainer.fit()
+else:
+    x, y = data(64)
+    trainer = Trainer(optimizer=adam(), loss="softmax_cross_entropy", seed=0, mesh=mesh(),
+                      rules=[("embed", "fsdp"), ("mlp", None)], data_axes=("data", "fsdp"))
+    trainer.fit(Block("logical"), (x, y), epochs=3, batch_size=16, verbose=0,
+                callbacks=[ModelCheckpoint(RUN, every_n_steps=3, keep_last=10, background=False),
+                           Killer(KILL_AT, RUN)])
+dump(trainer)
