@@ -223,6 +223,7 @@ class ModelCheckpoint(Callback):
         step = trainer.step
         if self._writer is None:
             return
+        assert self._saved_at is not None  # set with the writer, in on_fit_start
         if self.every_n_steps is not None and (
                 step // self.every_n_steps > self._saved_at[0] // self.every_n_steps):
             self._save(trainer, "step")
@@ -249,9 +250,10 @@ class ModelCheckpoint(Callback):
             # After an error the state may be half-updated (or donated away): never save it.
             # A stop by signal, callback or the last epoch saves what is not on disk yet.
             if not failed and self._position(trainer) != self._saved_at:
-                reason = logs.get("stop_reason") if logs.get("stop_reason") in _SIGNAL_STOPS \
+                reason = logs["stop_reason"] if logs.get("stop_reason") in _SIGNAL_STOPS \
                     else "fit_end"
                 self._save(trainer, reason)
+            assert self._writer is not None  # on_fit_end finishes only with a writer
             self._writer.wait()
         except Exception as err:
             if not failed:
@@ -314,6 +316,7 @@ class ModelCheckpoint(Callback):
             return
         # Epoch logs describe this state only at an epoch boundary.
         metrics = self._last_logs if batch == 0 else {}
+        assert self._writer is not None  # every caller checks it
         self._writer.save(state, copy_seconds=copy_seconds, step=step, epoch=int(state["epoch"]),
                           run_id=state.get("run_id"),
                           batch_in_epoch=batch, reason=reason, metrics=metrics,

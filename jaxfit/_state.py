@@ -131,8 +131,8 @@ def encode_spec(spec: Any) -> Any:
         parts = {k: encode_spec(v) for k, v in spec.items()}
         return None if any(v is None for v in parts.values()) else {"dict": parts}
     if type(spec) in (list, tuple):
-        parts = [encode_spec(v) for v in spec]
-        return None if any(v is None for v in parts) else {type(spec).__name__: parts}
+        items = [encode_spec(v) for v in spec]
+        return None if any(v is None for v in items) else {type(spec).__name__: items}
     return None
 
 

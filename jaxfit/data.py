@@ -184,7 +184,7 @@ class ArrayData:
         while i < steps:
             if i < full:  # full batches, k at a time while k of them are left
                 kk = k if i + k <= min(full, steps) else 1
-                yield Execution(treedef.unflatten(rows(i * B, (i + kk) * B, kk)), (B,) * kk, B)
+                yield Execution(jax.tree_util.tree_unflatten(treedef, rows(i * B, (i + kk) * B, kk)), (B,) * kk, B)
                 i += kk
                 continue
             n = self.n - i * B  # the last, partial batch, at its true size
@@ -192,7 +192,7 @@ class ArrayData:
             out = rows(i * B, self.n, 1)
             if padded != n:
                 out = _pad(out, padded)
-            yield Execution(treedef.unflatten(out), (n,), padded)
+            yield Execution(jax.tree_util.tree_unflatten(treedef, out), (n,), padded)
             i += 1
 
     def example(self) -> Any:
@@ -330,7 +330,7 @@ class IterableData:
         """The epoch's batches from batch ``start`` (at ``position`` when resuming), at most
         ``limit`` of them, ``k`` equal-shaped batches stacked per execution."""
         left = math.inf if limit is None else limit
-        if self.stream:
+        if self._spe is not None:  # a stream (self.stream)
             left = min(left, self._spe - start)
         cur = self._start(epoch, start, position)
         while left > 0:

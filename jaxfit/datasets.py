@@ -81,7 +81,7 @@ FASHION_MNIST_MIRRORS = (
 )
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): data is big-endian.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype("u1"),
     0x09: np.dtype("i1"),
     0x0B: np.dtype(">i2"),

@@ -9,13 +9,14 @@ key, the hyperparameter schedules attached by callbacks, and the epoch's metric 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from jaxfit._placement import state_shardings, unalias, unbox_linen
+from jaxfit._tree import same_structure
 from jaxfit.errors import ConfigError, ShapeError
 from jaxfit.hyperparams import HyperparamSlot, find_slots, node_at, with_values
 from jaxfit.metrics import Average, MetricState, as_state, merge
@@ -30,6 +31,9 @@ class EngineState:
     state: Any  # the step's own state (TrainState for the built-in step)
     hp_scales: dict  # {hyperparameter: float32 multiplier of its attached schedule}
     metrics: dict  # {log name: metric state}: on-device sums for the epoch under way
+
+    if TYPE_CHECKING:  # flax.struct adds it at run time
+        def replace(self, **changes: Any) -> EngineState: ...
 
 
 def _is_state(x: Any) -> bool:
@@ -148,7 +152,7 @@ class Engine:
 
         got = jax.eval_shape(logs, es.state, batch, ctx)
         want = self.templates[which]
-        if jax.tree_util.tree_structure(got) != jax.tree_util.tree_structure(want):
+        if not same_structure(got, want):
             raise ShapeError(
                 f"the {which} step returns logs {sorted(got)} for this batch, but "
                 f"{sorted(want)} for the first one: return the same keys for every batch"

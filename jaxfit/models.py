@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import re
 import zlib
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +101,7 @@ class ModelAdapter:
             self.kind = "linen"
         elif isinstance(module, nnx.Module):
             self.kind = "nnx"
-            self._graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+            self._graphdef, params, rest = cast("tuple[nnx.GraphDef, Any, Any]", nnx.split(module, nnx.Param, ...))
             self._initial = (params, rest)
         else:
             raise ConfigError(
@@ -224,7 +224,7 @@ class ModelAdapter:
         sown = nnx.pop(model, nnx.Intermediate)
         if not train:
             return out, model_state, _plain(sown)
-        _, _, new_state = nnx.split(model, nnx.Param, ...)
+        _, _, new_state = cast("tuple[nnx.GraphDef, Any, Any]", nnx.split(model, nnx.Param, ...))
         return out, new_state, _plain(sown)
 
     def sync_module(self, params: Any, model_state: Any) -> None:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,7 @@ import optax
 from jaxfit import _state, loop
 from jaxfit._placement import place_host
 from jaxfit._reduce import resolve
+from jaxfit._tree import same_structure
 from jaxfit.callback import Callback, CallbackList
 from jaxfit.data import Execution, make_source
 from jaxfit.engine import Engine, EngineState
@@ -108,7 +109,7 @@ class Trainer:
         data_axes: Sequence[str] | None = None,
     ) -> None:
         if isinstance(metrics, (str, bytes)) or callable(metrics):
-            metrics = [metrics]  # type: ignore[list-item]
+            metrics = [metrics]
         if step is not None:
             if not isinstance(step, Step):
                 raise ConfigError(f"step must be a jaxfit.Step subclass instance, got {type(step).__name__}")
@@ -340,7 +341,7 @@ class Trainer:
         key = (ex.rows, ex.n_valid)
         m = self._masks.get(key)
         if m is None:
-            rows = [np.arange(ex.rows) < n for n in ex.n_valid]
+            rows = [np.arange(ex.rows) < cast(int, n) for n in ex.n_valid]  # ints when rows is set
             arr = np.asarray(rows[0] if len(rows) == 1 else np.stack(rows), np.float32)
             placed = self._place_batch(arr, arr.ndim == 2) if self.mesh is not None else jax.device_put(arr)
             m = self._masks[key] = placed
@@ -495,13 +496,14 @@ class Trainer:
             self._init_state(first, initial_params)
         self._check_padding(train, "training data", "train")
         self._check_batch(first, "train", "training data")
-        log = self._engine.log_names("train")  # type: ignore[union-attr]
+        assert self._engine is not None  # set with the model (_set_model)
+        log = self._engine.log_names("train")
         if val is not None:
             val_first = val.example()
             self._check_padding(val, "validation data", "eval")
             self._check_divisible(loop.rows_of(val_first))
             self._check_batch(val_first, "eval", "validation data")
-            log = log + [f"val_{m}" for m in self._engine.log_names("eval")]  # type: ignore[union-attr]
+            log = log + [f"val_{m}" for m in self._engine.log_names("eval")]
         self._check_targets(train)
         self.log_names = log + [k for cb in self.callbacks for k in cb.log_keys if k not in log]
         self.fit_config = dict(epochs=loop.epochs_of(args, train.steps_per_epoch), batch_size=train.batch_size,
@@ -674,6 +676,6 @@ def _split_validation(data: Any, val: Any, split: float | None) -> tuple[Any, An
 
 def _placed_like(value: Any, current: Any, what: str) -> Any:
     """``value`` with the structure, dtypes and placement of ``current`` (no recompile)."""
-    if jax.tree_util.tree_structure(value) != jax.tree_util.tree_structure(current):
+    if not same_structure(value, current):
         raise ShapeError(f"new {what} must have the same tree structure as trainer.{what}")
     return jax.tree_util.tree_map(lambda new, old: place_like(np.asarray(new, old.dtype), old), value, current)

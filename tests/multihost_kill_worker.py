@@ -29,10 +29,10 @@ jax.distributed.initialize(f"localhost:{PORT}", num_processes=2, process_id=PID)
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from jaxfit.callbacks import ModelCheckpoint
 from sharding_models import Block, adam, data
 
 from jaxfit import Callback, Trainer
+from jaxfit.callbacks import ModelCheckpoint
 
 KILL_AT = 7
 

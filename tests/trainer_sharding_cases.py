@@ -15,11 +15,11 @@ from flax import nnx
 from flax.core import meta
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from jaxfit.callbacks import ModelCheckpoint
 from sharding_models import LECUN, Block, adam, data
 
 import jaxfit
 from jaxfit import Trainer
+from jaxfit.callbacks import ModelCheckpoint
 from jaxfit.errors import ConfigError
 from jaxfit.sharding import path_str, per_device_bytes
 

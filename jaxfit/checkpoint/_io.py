@@ -177,7 +177,7 @@ class HashingWriter:
         return self._raw.write(data)
 
 
-def write_file(path: Path, fill: Callable[[HashingWriter], None]) -> dict:
+def write_file(path: Path, fill: Callable[[HashingWriter], object]) -> dict:
     """Creates ``path`` (which must not exist), lets ``fill`` write into it, fsyncs it.
 
     Returns:

@@ -194,6 +194,7 @@ class RunLock:
                 "since": datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds")}
         data = (json.dumps(info) + "\n").encode()
+        assert self._fd is not None  # acquire() records right after opening the file
         os.ftruncate(self._fd, 0)
         if os.pwrite(self._fd, data, 0) != len(data):
             raise OSError(28, "short write (no space left on device?)")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -96,7 +96,7 @@ def _write_array(write: Callable[[Any], Any], arr: np.ndarray, code: int, path: 
     write(head)
     if arr.nbytes:
         # A uint8 view: memoryview cannot export ml_dtypes (bfloat16, float8) buffers.
-        write(memoryview(arr.reshape(-1).view(np.uint8)))
+        write(arr.reshape(-1).view(np.uint8).data)
 
 
 def _write_node(write: Callable[[Any], Any], packer: msgpack.Packer, node: Any,
@@ -144,7 +144,13 @@ def _write_node(write: Callable[[Any], Any], packer: msgpack.Packer, node: Any,
         )
 
 
-def write_tree(fileobj: BinaryIO, tree: Any) -> None:
+class _Writable(Protocol):
+    """What ``write_tree`` writes into: a binary file, or a wrapper of one."""
+
+    def write(self, data: bytes | memoryview, /) -> object: ...
+
+
+def write_tree(fileobj: _Writable, tree: Any) -> None:
     """Streams ``tree`` into ``fileobj`` as msgpack, one leaf at a time."""
     packer = msgpack.Packer(use_bin_type=True, autoreset=True)
     _write_node(fileobj.write, packer, tree, "")
@@ -222,7 +228,8 @@ def _finish(tree: Any) -> Any:
     return tree
 
 
-def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, source: str = "state") -> dict:
+def decode(data: bytes | bytearray, *, max_bytes: int = DEFAULT_MAX_BYTES,
+           source: str = "state") -> dict:
     """Parses a msgpack state without unpickling anything.
 
     Args:

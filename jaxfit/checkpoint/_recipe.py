@@ -73,7 +73,7 @@ def _array_bytes(obj: Any) -> int | None:
         sizes = [_array_bytes(x) for x in obj.values()]
     else:
         return None
-    return None if any(s is None for s in sizes) else sum(sizes)
+    return None if any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
 
 
 def _mib(n: int) -> str:

@@ -34,11 +34,11 @@ def score_of(metrics: dict, monitor: str | None) -> float | None:
 
 def best_entries(entries: Iterable[Entry], keep_best: int | None, mode: str | None) -> list[Entry]:
     """The ``keep_best`` best-scoring entries, best first; ties go to the earlier one."""
-    scored = [e for e in entries if e.score is not None]
+    scored = [(e.score, e) for e in entries if e.score is not None]
     if mode is None or not scored:
         return []
     sign = -1.0 if mode == "max" else 1.0
-    ranked = sorted(scored, key=lambda e: (sign * e.score, e.seq))
+    ranked = [e for _, e in sorted(scored, key=lambda se: (sign * se[0], se[1].seq))]
     return ranked if keep_best is None else ranked[:keep_best]
 
 

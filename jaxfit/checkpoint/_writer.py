@@ -87,8 +87,8 @@ def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | No
     removed.
     """
     infos = [i for i in _manifest.scan(run_dir) if i.manifest is not None]
-    ours = [i for i in infos
-            if run_id is None or i.manifest.get("run_id") in (None, run_id)]
+    ours = [i for i in infos if i.manifest is not None  # (all are: narrows the type)
+            and (run_id is None or i.manifest.get("run_id") in (None, run_id))]
     entries = [_retention.Entry(i.name, i.seq, _retention.score_of(i.metrics, monitor))
                for i in ours]
     keep = _retention.select_keep(entries, keep_last=keep_last, keep_best=keep_best, mode=mode)
@@ -99,7 +99,8 @@ def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | No
             removed.append(info.name)
     used = set(protect)
     for info in infos:
-        if info.name not in removed and isinstance(info.manifest.get("recipe"), dict):
+        if info.name not in removed and info.manifest is not None \
+                and isinstance(info.manifest.get("recipe"), dict):
             used.add(info.manifest["recipe"].get("file"))
     for recipe in run_dir.glob("recipe-*.pkl"):
         if recipe.name not in used:
@@ -125,8 +126,8 @@ class RunWriter:
                  monitor: str | None, mode: str | None, background: bool = True,
                  run_id: str | None = None) -> None:
         self.run_dir = run_dir
-        self.retention = dict(keep_last=keep_last, keep_best=keep_best, monitor=monitor,
-                              mode=mode, run_id=run_id)
+        self.retention: dict[str, Any] = dict(keep_last=keep_last, keep_best=keep_best,
+                                              monitor=monitor, mode=mode, run_id=run_id)
         self.background = background
         self.stats = SaveStats()
         self.recipe_ref: dict | None = None
