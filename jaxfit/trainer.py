@@ -504,7 +504,7 @@ class Trainer:
             self._check_divisible(loop.rows_of(val_first))
             self._check_batch(val_first, "eval", "validation data")
             log = log + [f"val_{m}" for m in self._engine.log_names("eval")]
-        self._check_targets(train)
+        self._check_targets(train, first)
         self.log_names = log + [k for cb in self.callbacks for k in cb.log_keys if k not in log]
         self.fit_config = dict(epochs=loop.epochs_of(args, train.steps_per_epoch), batch_size=train.batch_size,
                                steps_per_epoch=train.steps_per_epoch, max_steps=args.get("max_steps"),
@@ -525,14 +525,14 @@ class Trainer:
                 raise
             raise ShapeError(f"{what} does not fit the model: {type(e).__name__}: {e}") from e
 
-    def _check_targets(self, source: Any) -> None:
+    def _check_targets(self, source: Any, first: Any) -> None:
         step = self._step_obj
         if not isinstance(step, LossStep):
             return
         if hasattr(source, "data"):  # arrays: every label, once
             step.check_targets(source.data, self.state)
         else:  # an iterable: its batches are not known ahead; the first one is checked
-            step.check_targets(source.example(), self.state,
+            step.check_targets(first, self.state,
                                "training data (checked on the iterable's first batch only)")
 
     def check_monitor(self, name: str, owner: Any = None) -> None:
