@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from flax.core import meta as nn_meta
 
 from jaxfit._reduce import resolve
 from jaxfit._tree import same_structure
@@ -439,7 +440,8 @@ class LossStep(Step):
     def with_params(self, state: TrainState, given: Any) -> TrainState:
         """``state`` starting from ``given`` params (a whole tree, or the subtrees to
         replace: a pretrained backbone), with the optimizer state built for them."""
-        params = _merge_params(state.params, given, "params")
+        # Params as flax.linen init returns them may be boxed (nn.Partitioned): the state's are plain.
+        params = _merge_params(state.params, nn_meta.unbox(given), "params")
         return state.replace(params=params, opt_state=self.tx.init(params))
 
 

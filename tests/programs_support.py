@@ -51,7 +51,10 @@ def host(tree: Any) -> Any:
 
 def assert_bitwise(got: Any, want: Any, what: str = "params") -> None:
     """Every leaf identical bit for bit (same structure, shapes and dtypes)."""
-    g, w = host(got), host(want)
+    # jaxfit's state holds plain arrays; a hand step's flax init may keep nn.Partitioned boxes.
+    from flax.core import meta
+
+    g, w = host(meta.unbox(got)), host(meta.unbox(want))
     assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(w), f"{what}: structures differ"
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree_util.tree_leaves(w)):
         where = f"{what}{jax.tree_util.keystr(path)}"
