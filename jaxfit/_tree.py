@@ -29,6 +29,12 @@ def _is_typed_key(leaf: Any) -> bool:
     return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
+def batch_rows(batch: Any) -> int | None:
+    """The batch's leading axis when every leaf shares it, else None (a graph batch)."""
+    sizes = {leaf.shape[0] if getattr(leaf, "ndim", 0) else None for leaf in jax.tree_util.tree_leaves(batch)}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
 def same_structure(a: Any, b: Any) -> bool:
     """Whether two pytrees have the same structure (containers and leaf count)."""
     return bool(jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b))  # type: ignore[operator]

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import jax
 import numpy as np
 
-from jaxfit._tree import same_structure
+from jaxfit._tree import batch_rows, same_structure
 from jaxfit.errors import ConfigError, DataError
 
 TARGET_KEYS = ("label", "labels", "y", "target", "targets")
@@ -344,14 +344,14 @@ class IterableData:
                 return
             left -= len(group)
             if len(group) == k > 1 and _same_shapes([b for b, _ in group]):
-                n = _rows(group[0][0])
+                n = batch_rows(group[0][0])
                 if self.batch_size is None:
                     self.batch_size = n
                 stacked = jax.tree_util.tree_map(lambda *a: np.stack(a), *[b for b, _ in group])
                 yield Execution(stacked, (n,) * k, n, group[-1][1])
                 continue
             for batch, pos in group:
-                n = _rows(batch)
+                n = batch_rows(batch)
                 if self.batch_size is None:
                     self.batch_size = n
                 yield Execution(batch, (n,), n, pos)
@@ -375,11 +375,6 @@ class IterableData:
 
 
 _END = object()
-
-
-def _rows(batch: Any) -> int | None:
-    sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree_util.tree_leaves(batch)}
-    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
 
 
 def _same_shapes(batches: list) -> bool:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxfit._placement import state_shardings, unalias, unbox_linen
-from jaxfit._tree import same_structure
+from jaxfit._tree import batch_rows, same_structure
 from jaxfit.errors import ConfigError, ShapeError
 from jaxfit.hyperparams import HyperparamSlot, find_slots, node_at, with_values
 from jaxfit.metrics import Average, MetricState, as_state, merge
@@ -271,11 +271,6 @@ def _example_mask(batch: Any) -> Any:
     rows = batch_rows(batch)
     return None if rows is None else jax.ShapeDtypeStruct((rows,), jnp.float32)
 
-
-def batch_rows(batch: Any) -> int | None:
-    """The batch's leading axis when every leaf shares it, else None (a graph batch)."""
-    sizes = {leaf.shape[0] if getattr(leaf, "ndim", 0) else None for leaf in jax.tree_util.tree_leaves(batch)}
-    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
 
 
 def _fused(one: Callable, unroll: Any, on_unroll: Callable[[Any], None] | None) -> Callable:

@@ -21,9 +21,9 @@ import jax
 import numpy as np
 
 from jaxfit._fusion import FusionChooser
+from jaxfit._tree import batch_rows
 from jaxfit.callback import Callback
 from jaxfit.data import Execution
-from jaxfit.engine import batch_rows
 from jaxfit.errors import ConfigError, DataError, Preempted
 from jaxfit.history import History
 from jaxfit.step import LossStep

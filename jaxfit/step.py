@@ -33,7 +33,7 @@ from flax import nnx, struct
 from flax.core import meta as nn_meta
 
 from jaxfit._reduce import resolve
-from jaxfit._tree import same_structure
+from jaxfit._tree import batch_rows, same_structure
 from jaxfit.data import split_dict
 from jaxfit.errors import ConfigError, DataError
 from jaxfit.losses import LOSSES
@@ -372,8 +372,8 @@ class LossStep(Step):
     def _init_by_loss(self, batch: Any, key: jax.Array) -> tuple[Any, Any]:
         """linen variables from the first model call the full-form loss makes, in evaluation
         mode: its arguments need not be in the batch (a VAE's sampling key ``ctx.rng("z")``)."""
-        rows = {getattr(a, "shape", (None,))[:1] for a in jax.tree_util.tree_leaves(batch)}
-        mask = jnp.ones(rows.pop(), jnp.float32) if len(rows) == 1 and None not in rows and () not in rows else None
+        rows = batch_rows(batch)
+        mask = None if rows is None else jnp.ones((rows,), jnp.float32)
 
         def run(batch: Any, key: jax.Array) -> tuple[Any, Any]:
             ctx = StepContext(key=key, step=jnp.zeros((), jnp.int32), mask=mask, train=False)
