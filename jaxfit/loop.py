@@ -15,7 +15,7 @@ import signal
 import threading
 import warnings
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -141,9 +141,15 @@ def _executions(trainer: Trainer, train: Any, epoch: int) -> Iterator[Execution]
     asynchronously). No more than ``max_steps`` needs are drawn from the data."""
     max_steps = trainer.fit_config.get("max_steps")
     limit = None if max_steps is None else max(max_steps - trainer._step, 0)
+    yield from prefetched(trainer, train.executions(epoch, trainer.batch_in_epoch, trainer.steps_per_execution,
+                                                    position=trainer._data_position, limit=limit))
+
+
+def prefetched(trainer: Trainer, executions: Iterable[Execution]) -> Iterator[Execution]:
+    """``executions`` placed on the device ``PREFETCH - 1`` ahead of the one handed out:
+    training, evaluation and prediction all read their data through it."""
     ahead: collections.deque[Execution] = collections.deque()
-    for ex in train.executions(epoch, trainer.batch_in_epoch, trainer.steps_per_execution,
-                               position=trainer._data_position, limit=limit):
+    for ex in executions:
         ahead.append(_placed(trainer, ex))
         if len(ahead) == PREFETCH:
             yield ahead.popleft()

@@ -559,8 +559,9 @@ class Trainer:
         assert self._engine is not None
         state, step = self.state, self._engine.eval_fn()
         acc = self._place_state(self._engine.zero_metrics("eval"))
-        for i, ex in enumerate(source.executions(0, 0, 1)):
-            acc = step(state, acc, self._place_batch(ex.batch, False), self._mask(ex), np.int32(i))
+        # The next batch is produced (and off the CPU, copied) while this one runs, as in fit.
+        for i, ex in enumerate(loop.prefetched(self, source.executions(0, 0, 1))):
+            acc = step(state, acc, ex.batch, self._mask(ex), np.int32(i))
         return self._engine.compute("eval", acc)
 
     def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
@@ -580,8 +581,8 @@ class Trainer:
         src = self._source(x, "prediction data", batch_size=batch_size or self._fit_args.get("batch_size"))
         self._check_divisible(loop.rows_of(src.example()))
         fn, state = self._engine.predict_fn(), self.state
-        outs = [(fn(state, self._place_batch(ex.batch, False), self._mask(ex), np.int32(i)), ex.n_valid[0])
-                for i, ex in enumerate(src.executions(0, 0, 1))]
+        outs = [(fn(state, ex.batch, self._mask(ex), np.int32(i)), ex.n_valid[0])
+                for i, ex in enumerate(loop.prefetched(self, src.executions(0, 0, 1)))]
         host = jax.device_get([o for o, _ in outs])
         parts = [jax.tree_util.tree_map(lambda a, n=n: a[:n] if n is not None else a, h)
                  for h, (_, n) in zip(host, outs)]
