@@ -97,7 +97,8 @@ def fit(trainer: Trainer, train: Any, val: Any) -> History:
     if max_steps is not None and max_steps <= trainer._step:
         warnings.warn(
             f"fit: nothing to train: the run is at step {trainer._step} and max_steps={max_steps} "
-            f"is the total to reach. To train n more steps, pass max_steps={trainer._step} + n.",
+            f"is the total to reach. To train n more steps, pass max_steps={trainer._step} + n; "
+            "to train by epochs instead, clear it: fit(epochs=N, max_steps=None).",
             UserWarning, stacklevel=3)
     elif epochs is not None and 0 < epochs <= trainer._epochs_completed and trainer.batch_in_epoch == 0:
         warnings.warn(
@@ -189,7 +190,8 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
         measure=lambda: (trainer.scan_unroll == "auto" and trainer.fit_config.get("scan_unroll") is not True))
     record_unroll = lambda u: trainer.fit_config.__setitem__("scan_unroll", u)  # noqa: E731 - trace time
     max_steps, val_steps = trainer.fit_config.get("max_steps"), trainer.fit_config.get("validation_steps_freq")
-    while trainer._epochs_completed < epochs and not trainer.stop_training:
+    # A run already at max_steps trains nothing (and ends no epoch with no steps in it).
+    while trainer._epochs_completed < epochs and not trainer.stop_training and not _at_max_steps(trainer):
         epoch = trainer._epochs_completed + 1
         trainer._epoch_under_way = epoch
         if trainer.batch_in_epoch == 0 and epoch == first_epoch:
@@ -224,6 +226,11 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
         # continues it; no epoch-end hooks for a partial epoch.
         if trainer.batch_in_epoch >= (train.steps_per_epoch or math.inf):
             _end_epoch(trainer, epoch, val)
+
+
+def _at_max_steps(trainer: Trainer) -> bool:
+    max_steps = trainer.fit_config.get("max_steps")
+    return max_steps is not None and trainer._step >= max_steps
 
 
 def _step_validation_due(trainer: Trainer, every: int | None, k: int, per_epoch: int | None,

@@ -28,6 +28,17 @@ from jaxfit.step import LossStep, Step, loss_form
 STATE_FORMAT = _state.STATE_FORMAT
 
 
+class _RunsValue:
+    """The default of ``fit(max_steps=...)``: the run's own value (none for a new run).
+    ``None`` given explicitly clears a resumed run's ``max_steps``."""
+
+    def __repr__(self) -> str:
+        return "<the run's>"
+
+
+RUNS_VALUE = _RunsValue()
+
+
 class Trainer:
     """Trains a flax model with an optax optimizer, driving callbacks around jitted steps.
 
@@ -391,7 +402,7 @@ class Trainer:
         drop_remainder: bool | None = None,
         validation_split: float | None = None,
         steps_per_epoch: int | None = None,
-        max_steps: int | None = None,
+        max_steps: int | None | _RunsValue = RUNS_VALUE,
         validation_steps_freq: int | None = None,
         initial_params: Any = None,
         verbose: int | str | None = None,
@@ -414,7 +425,9 @@ class Trainer:
                 (an infinite one, or one whose passes run into each other), Keras's meaning.
             max_steps: end the run at this total of train steps (Lightning's meaning; a
                 total kept by a resumed ``fit()``, like ``epochs``). Without ``epochs`` the
-                epochs are then unlimited. A run it stops mid-epoch resumes mid-epoch.
+                epochs are then unlimited. A run it stops mid-epoch resumes mid-epoch. Left
+                out, a resumed run keeps its ``max_steps``; ``max_steps=None`` clears it, so
+                ``fit(epochs=20, max_steps=None)`` trains by epochs alone.
             validation_steps_freq: also validate every this many train steps (callbacks
                 see it in ``on_validation_end``, whose logs then hold ``step``);
                 ``validation_freq`` counts epochs. See ``docs/data.md``.
@@ -441,6 +454,9 @@ class Trainer:
         # initial_params start a new run once and are never kept (a resume must not re-apply
         # them); a recipe may carry them for its first fit (verify_resume does).
         initial_params = args.pop("initial_params", None) if initial_params is None else initial_params
+        if max_steps is None:
+            args.pop("max_steps", None)  # given as None: the run no longer ends at a step count
+        max_steps = None if isinstance(max_steps, _RunsValue) else max_steps
         given = dict(data=data, validation_data=validation_data, epochs=epochs, batch_size=batch_size,
                      validation_batch_size=validation_batch_size, shuffle=shuffle,
                      validation_freq=validation_freq, drop_remainder=drop_remainder, verbose=verbose,
