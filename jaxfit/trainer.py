@@ -429,8 +429,10 @@ class Trainer:
                 out, a resumed run keeps its ``max_steps``; ``max_steps=None`` clears it, so
                 ``fit(epochs=20, max_steps=None)`` trains by epochs alone.
             validation_steps_freq: also validate every this many train steps (callbacks
-                see it in ``on_validation_end``, whose logs then hold ``step``);
-                ``validation_freq`` counts epochs. See ``docs/data.md``.
+                see it in ``on_validation_end``, whose logs then hold ``step``; History
+                records it in ``history.validations``; monitors act on it with
+                ``check_on="validation"``); ``validation_freq`` counts epochs. See
+                ``docs/data.md``.
             initial_params: params to start a new run from instead of the model's
                 initialisation: a whole params tree, or the subtrees to replace (a
                 pretrained backbone). Used once: a resumed run never re-applies them.
