@@ -197,6 +197,8 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
         if trainer.batch_in_epoch == 0 and epoch == first_epoch:
             _reset_metrics(trainer)  # later epochs start from _end_epoch's reset
         cbs.call("on_epoch_start", trainer)
+        if _pending_validation(trainer, val, train.steps_per_epoch, epoch):
+            break
         has_start, has_end = cbs.has("on_train_batch_start"), cbs.has("on_train_batch_end")
         schedules = {n: f for n, (f, _) in trainer._schedules.items()}
         steps = {k: engine.train_fn(k, schedules, trainer.scan_unroll, record_unroll) for k in {1, k_exec}}
@@ -210,9 +212,12 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
             trainer._step += ex.k
             trainer.batch_in_epoch += ex.k
             trainer._data_position = ex.position
+            # Known before the batch hooks, so that a checkpoint they write records it as due.
+            trainer._validation_pending = val is not None and _step_validation_due(
+                trainer, val_steps, ex.k, train.steps_per_epoch, epoch)
             if has_end:
                 cbs.call("on_train_batch_end", trainer, {"loss": loss} if loss is not None else {})
-            if val is not None and _step_validation_due(trainer, val_steps, ex.k, train.steps_per_epoch, epoch):
+            if trainer._validation_pending:
                 _validate(trainer, val, {"step": trainer._step})
             if max_steps is not None and trainer._step >= max_steps:
                 trainer.stop_training = True
@@ -231,6 +236,19 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
 def _at_max_steps(trainer: Trainer) -> bool:
     max_steps = trainer.fit_config.get("max_steps")
     return max_steps is not None and trainer._step >= max_steps
+
+
+def _pending_validation(trainer: Trainer, val: Any, per_epoch: int | None, epoch: int) -> bool:
+    """Run the step validation a resumed checkpoint left due (a batch hook wrote it before
+    the validation of its step ran), as the uninterrupted run did; True when it stopped the run."""
+    if not trainer._validation_pending or val is None:
+        return False
+    _validate(trainer, val, {"step": trainer._step})
+    if not trainer.stop_training:
+        return False
+    if trainer.batch_in_epoch >= (per_epoch or math.inf):
+        _end_epoch(trainer, epoch, val)
+    return True
 
 
 def _step_validation_due(trainer: Trainer, every: int | None, k: int, per_epoch: int | None,
@@ -254,6 +272,7 @@ def _end_epoch(trainer: Trainer, epoch: int, val: Any) -> None:
 def _validate(trainer: Trainer, val: Any, extra: dict[str, Any] | None = None) -> dict[str, float]:
     """Evaluate the validation data; ``on_validation_end`` gets the ``val_`` logs (and, for a
     validation every ``validation_steps_freq`` steps, the ``step``)."""
+    trainer._validation_pending = False  # a checkpoint from here on has it (or is after it)
     trainer.callbacks.call("on_validation_start", trainer)
     val_logs = {f"val_{k}": v for k, v in trainer._evaluate_source(val).items()}
     trainer.callbacks.call("on_validation_end", trainer, {**val_logs, **(extra or {})})

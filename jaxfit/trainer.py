@@ -193,6 +193,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self._step = 0
         self._data_position: Any = None  # an iterable's position after the last batch trained on
+        self._validation_pending = False  # a step validation is due at this step and has not run
         self._masks: dict[Any, jax.Array] = {}
         self._signal: str | None = None
         self.run_id: str | None = None
@@ -297,6 +298,7 @@ class Trainer:
         self._es = self._place_state(es)
         self._step, self._epochs_completed, self.batch_in_epoch = 0, 0, 0
         self._data_position = None
+        self._validation_pending = False
         self._masks.clear()
 
     # ---------------------------------------------------------- placement

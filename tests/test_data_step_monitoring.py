@@ -129,6 +129,39 @@ def test_model_checkpoint_keeps_the_best_validation_step_and_resumes_from_it_exa
     assert full.callbacks.find(EarlyStopping)[0].state_dict() == loaded.callbacks.find(EarlyStopping)[0].state_dict()
 
 
+def test_model_checkpoint_per_validation_saves_step_validations_mid_epoch_and_epoch_ones_at_the_end(tmp_path):
+    run = tmp_path / "run"
+    ckpt = ModelCheckpoint(run, monitor="val_loss", check_on="validation", every_n_epochs=None, keep_last=None)
+    t = make_trainer()
+    t.fit(MLP(), Stream(), steps_per_epoch=4, epochs=2, validation_data=VAL, validation_steps_freq=3,
+          callbacks=[ckpt], verbose=0)
+    saved = [(i.step, i.manifest["batch_in_epoch"], i.manifest["reason"]) for i in scan(run) if i.manifest]
+    assert saved == [(3, 3, "validation"), (4, 0, "epoch"), (6, 2, "validation"), (8, 0, "epoch")]
+    by_step = {v["step"]: v["val_loss"] for v in t.history.validations}
+    assert {i.step: i.metrics["val_loss"] for i in scan(run)} == by_step
+
+
+def test_a_step_checkpoint_taken_before_its_steps_validation_resumes_with_that_validation(tmp_path):
+    # every_n_steps saves in on_train_batch_end, before the validation due at the same step:
+    # the resume runs that validation first, so the per-validation decisions stay exact.
+    def cbs(run=None):
+        out = [Script({3: 1.0, 6: 0.5, 9: 0.7, 12: 0.8}),
+               EarlyStopping(monitor="val_loss", patience=2, check_on="validation")]
+        return out + ([ModelCheckpoint(run, every_n_steps=6, every_n_epochs=None, keep_last=None)] if run else [])
+
+    full = _by_steps(make_trainer(), cbs(), max_steps=20)
+    assert full.stop_reason == "early_stopping" and full.step == 12
+    run = tmp_path / "run"
+    _by_steps(make_trainer(), cbs(run), max_steps=20)
+    at6 = next(i for i in scan(run) if i.step == 6)
+    loaded = Trainer.load(str(at6.path))
+    assert [v["step"] for v in loaded.history.validations] == [3]  # saved before step 6's
+    loaded.fit(data=Stream())
+    assert (loaded.step, loaded.stop_reason) == (12, "early_stopping")
+    assert full.history.validations == loaded.history.validations
+    assert _same(full.params, loaded.params)
+
+
 def test_a_resumed_run_trains_past_its_max_steps_or_by_epochs_once_cleared():
     t = make_trainer()
     t.fit(MLP(), [_batch(i) for i in range(4)], max_steps=6, verbose=0)
