@@ -59,7 +59,18 @@ def epoch_line(
 ) -> str:
     """The plain-mode line of one epoch."""
     speed = rates(steps_per_s, batch_size)
-    return f"Epoch {epoch}/{epochs} - {duration(seconds)} - {speed} - {values(logs)}"
+    return f"Epoch {of(epoch, epochs)} - {duration(seconds)} - {speed} - {values(logs)}"
+
+
+def of(done: int, total: int | None) -> str:
+    """``"3/10"``, or ``"3"`` when the total is unknown (epochs of a stream ended by
+    ``max_steps``, with no ``steps_per_epoch``)."""
+    return f"{done}" if total is None else f"{done}/{total}"
+
+
+def validation_line(step: int, max_steps: int | None, logs: dict[str, Any]) -> str:
+    """The line of a validation every ``validation_steps_freq`` steps."""
+    return f"Step {of(step, max_steps)} - {values(logs)}"
 
 
 def abbreviate(name: str) -> str:

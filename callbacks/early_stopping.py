@@ -46,19 +46,31 @@ class EarlyStopping(MonitorCallback):
     copy is part of the callback state, so it survives a resume (and is in every checkpoint:
     one extra copy of the params).
 
-    State (``best``, ``wait``, ``best_epoch``, ``stopped_epoch``, the best weights) is reset
-    when a run starts from step 0 and kept when a run continues.
+    ``check_on="validation"`` applies the same table at each validation end instead
+    (Lightning's EarlyStopping): the validations every ``validation_steps_freq`` steps and
+    those at epoch ends, so ``patience`` counts validations and a run trained by
+    ``max_steps`` on an endless stream stops at the validation that exhausts it (the step
+    is ``stopped_step``, the best one ``best_step``). The first validation can stop a run
+    (a NaN first value with ``patience=0``); the "not the first epoch" rule is per epoch.
+    ``start_from_epoch`` still counts epochs: validations within them are not monitored.
+
+    State (``best``, ``wait``, ``best_epoch``, ``stopped_epoch``, ``best_step``,
+    ``stopped_step``, the best weights) is reset when a run starts from step 0 and kept
+    when a run continues.
 
     Args:
         monitor: the log key to watch, e.g. ``"val_loss"`` (needs ``validation_data``).
         mode: ``"min"``, ``"max"`` or ``"auto"`` (from the name).
-        patience: epochs without improvement before stopping.
+        patience: epochs (validations, with ``check_on="validation"``) without improvement
+            before stopping.
         min_delta: the smallest absolute change that counts as an improvement.
         start_from_epoch: epochs of warm-up that are not monitored.
         restore_best: put the best epoch's weights back at the end of ``fit``.
         baseline: a value to beat; until it is beaten, ``wait`` keeps growing even when the
             value improves, so a run that has not reached the baseline after ``patience``
             epochs stops at its first epoch without improvement.
+        check_on: ``"epoch"`` (decide at epoch ends) or ``"validation"`` (at each
+            validation end, mid-epoch step validations included).
 
     Example:
         >>> from jaxfit.callbacks import EarlyStopping
@@ -78,8 +90,9 @@ class EarlyStopping(MonitorCallback):
         start_from_epoch: int = 0,
         restore_best: bool = False,
         baseline: float | None = None,
+        check_on: str = "epoch",
     ) -> None:
-        super().__init__(monitor, mode, min_delta)
+        super().__init__(monitor, mode, min_delta, check_on)
         self.patience = check_count("EarlyStopping", "patience", patience)
         self.start_from_epoch = check_count("EarlyStopping", "start_from_epoch", start_from_epoch)
         self.restore_best = bool(restore_best)
@@ -91,6 +104,8 @@ class EarlyStopping(MonitorCallback):
         self.wait = 0
         self.best_epoch = 0
         self.stopped_epoch = 0
+        self.best_step = 0
+        self.stopped_step = 0
         self.best_weights: dict[str, Any] | None = None  # host numpy state dicts
 
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -98,7 +113,7 @@ class EarlyStopping(MonitorCallback):
         if trainer.step == 0:
             self._reset()
 
-    def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+    def check(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         epoch = trainer.epoch
         if epoch <= self.start_from_epoch:
             return
@@ -111,12 +126,12 @@ class EarlyStopping(MonitorCallback):
             self.record_best(value)
             if self.restore_best:
                 self._keep_weights(trainer, epoch)
-            self.best_epoch = epoch
+            self.best_epoch, self.best_step = epoch, trainer.step
             if self.baseline is None or self.is_improvement(value, self.baseline):
                 self.wait = 0
             return
-        if self.wait >= self.patience and epoch > 1:
-            self.stopped_epoch = epoch
+        if self.wait >= self.patience and (epoch > 1 or self.check_on == "validation"):
+            self.stopped_epoch, self.stopped_step = epoch, trainer.step
             trainer.stop_training = True
             trainer.stop_reason = "early_stopping"
 
@@ -146,6 +161,8 @@ class EarlyStopping(MonitorCallback):
             "wait": self.wait,
             "best_epoch": self.best_epoch,
             "stopped_epoch": self.stopped_epoch,
+            "best_step": self.best_step,
+            "stopped_step": self.stopped_step,
             "best_weights": self.best_weights,
         }
 
@@ -157,6 +174,8 @@ class EarlyStopping(MonitorCallback):
         self.wait = int(state["wait"])
         self.best_epoch = int(state["best_epoch"])
         self.stopped_epoch = int(state["stopped_epoch"])
+        self.best_step = int(state.get("best_step", 0))  # absent from older checkpoints
+        self.stopped_step = int(state.get("stopped_step", 0))
         weights = state.get("best_weights")
         self.best_weights = None if weights is None else _as_numpy(weights)
 

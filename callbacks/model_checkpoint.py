@@ -19,7 +19,7 @@ from jaxfit.checkpoint._writer import RunWriter, SaveStats
 from jaxfit.errors import ConfigError
 
 from ._checks import check_count, check_every, check_number
-from ._monitor import MODES, infer_mode
+from ._monitor import MODES, check_check_on, check_timing, infer_mode
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.trainer import Trainer
@@ -77,6 +77,13 @@ class ModelCheckpoint(Callback):
         every_n_epochs: save at the end of every n-th epoch (None: never at epoch end).
         every_n_steps: save after every n-th optimizer step, mid-epoch included.
         every_n_seconds: save after the first step that ends n seconds after the last save.
+        check_on: ``"epoch"`` (the default: only epoch-end checkpoints carry metrics, so
+            only they compete for best) or ``"validation"``: a checkpoint is also written
+            at each validation end, with that validation's ``val_`` logs as its metrics, so
+            ``monitor`` ranks every validation and the best is kept (Lightning's way). A
+            validation every ``validation_steps_freq`` steps saves the state at that step,
+            mid-epoch (a resume from it continues exactly); an epoch-end validation saves
+            at the epoch end, after ``on_epoch_end``, whatever ``every_n_epochs`` says.
         keep_last: how many of the newest checkpoints to keep (None: all).
         keep_best: how many of the best checkpoints to keep on top of them (None: all scored).
         max_data_bytes: store the training data in the recipe up to this size (see
@@ -107,8 +114,10 @@ class ModelCheckpoint(Callback):
                  mode: str = "auto", every_n_epochs: int | None = 1,
                  every_n_steps: int | None = None, every_n_seconds: float | None = None,
                  keep_last: int | None = 3, keep_best: int | None = 1, *,
+                 check_on: str = "epoch",
                  max_data_bytes: int = DEFAULT_MAX_DATA_BYTES, background: bool = True) -> None:
         owner = type(self).__name__
+        self.check_on = check_check_on(owner, check_on)
         if not isinstance(directory, (str, os.PathLike)):
             raise ConfigError(f"{owner}: directory must be a path, got {type(directory).__name__}")
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
@@ -143,6 +152,7 @@ class ModelCheckpoint(Callback):
         self._saved_at: tuple[int, int] | None = None
         self._last_time = 0.0
         self._last_logs: dict[str, Any] = {}
+        self._epoch_validated = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into the recipe: no thread, no lock, no timings of this process.
@@ -186,6 +196,8 @@ class ModelCheckpoint(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         if self.monitor is not None:
             trainer.check_monitor(self.monitor, self)
+        check_timing(trainer, self, self.monitor, getattr(self, "check_on", "epoch"))
+        self._epoch_validated = False
         self.stats = SaveStats()
         self.skipped_nonfinite = []
         if jax.process_index() != 0:
@@ -231,9 +243,22 @@ class ModelCheckpoint(Callback):
                 time.monotonic() - self._last_time >= self.every_n_seconds):
             self._save(trainer, "time")
 
+    def on_validation_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        if getattr(self, "check_on", "epoch") != "validation" or self._writer is None:
+            return
+        if "step" not in logs:  # the epoch's validation: saved at the epoch end, with its logs
+            self._epoch_validated = True
+            return
+        # Saved even when a step save has just written this step: that one was taken before
+        # this validation, whose callback states (patience, history) a resume needs.
+        self._save(trainer, "validation", metrics={k: v for k, v in logs.items() if k != "step"})
+
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         self._last_logs = dict(logs)
-        if self._writer is not None and self.every_n_epochs is not None and trainer.epoch % self.every_n_epochs == 0:
+        validated, self._epoch_validated = self._epoch_validated, False
+        if self._writer is None:
+            return
+        if (self.every_n_epochs is not None and trainer.epoch % self.every_n_epochs == 0) or validated:
             self._save(trainer, "epoch")
 
     def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
@@ -293,7 +318,7 @@ class ModelCheckpoint(Callback):
         return directory
 
     # ------------------------------------------------------------------ saving
-    def _save(self, trainer: Trainer, reason: str) -> None:
+    def _save(self, trainer: Trainer, reason: str, metrics: dict[str, Any] | None = None) -> None:
         if trainer.stop_reason == "terminate_on_nan":
             return  # non-finite values were seen: nothing from here on is worth resuming
         # Steps are dispatched ahead of the device: wait for the ones under way first and
@@ -314,8 +339,10 @@ class ModelCheckpoint(Callback):
                           RuntimeWarning, stacklevel=2)
             self._saved_at = (step, batch)
             return
-        # Epoch logs describe this state only at an epoch boundary.
-        metrics = self._last_logs if batch == 0 else {}
+        # Epoch logs describe this state only at an epoch boundary (a validation's logs at
+        # its step, given by the caller).
+        if metrics is None:
+            metrics = self._last_logs if batch == 0 else {}
         assert self._writer is not None  # every caller checks it
         self._writer.save(state, copy_seconds=copy_seconds, step=step, epoch=int(state["epoch"]),
                           run_id=state.get("run_id"),

@@ -57,6 +57,11 @@ class ReduceOnPlateau(MonitorCallback):
     declared in ``log_keys``) before any reduction, so the History records the value each
     epoch applied and ``python -m jaxfit plot`` draws it.
 
+    ``check_on="validation"`` applies the same table at each validation end instead, the
+    validations every ``validation_steps_freq`` steps included: ``patience`` and
+    ``cooldown`` then count validations, and the value in use is also written into that
+    validation's logs (``history.validations`` records it). The epoch logs still get it.
+
     State (``best``, ``wait``, ``cooldown_counter``, the number of reductions and the total
     factor applied) survives a resume; the reduced value itself lives in the optimizer
     state (or the schedule multiplier, in the train state) and is checkpointed with it.
@@ -65,12 +70,15 @@ class ReduceOnPlateau(MonitorCallback):
         monitor: the log key to watch, e.g. ``"val_loss"`` (needs ``validation_data``).
         mode: ``"min"``, ``"max"`` or ``"auto"`` (from the name).
         factor: the multiplier of each reduction, in (0, 1).
-        patience: epochs without improvement before reducing.
+        patience: epochs (validations, with ``check_on="validation"``) without improvement
+            before reducing.
         min_delta: the smallest absolute change that counts as an improvement.
         cooldown: epochs after a reduction during which no further reduction is counted.
         min_lr: the lowest value a reduction sets.
         hyperparam: the injected hyperparameter to reduce.
         verbose: print a line at each reduction.
+        check_on: ``"epoch"`` (decide at epoch ends) or ``"validation"`` (at each
+            validation end, mid-epoch step validations included).
 
     Example:
         >>> from jaxfit.callbacks import ReduceOnPlateau
@@ -92,8 +100,9 @@ class ReduceOnPlateau(MonitorCallback):
         min_lr: float = 0.0,
         hyperparam: str = "learning_rate",
         verbose: bool = False,
+        check_on: str = "epoch",
     ) -> None:
-        super().__init__(monitor, mode, min_delta)
+        super().__init__(monitor, mode, min_delta, check_on)
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
             raise ConfigError(
                 f"ReduceOnPlateau: factor must be in the range (0, 1), got factor = {factor!r}"
@@ -132,6 +141,11 @@ class ReduceOnPlateau(MonitorCallback):
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         # The value this epoch applied, before a reduction changes it for the next.
         logs[self.hyperparam] = trainer.hyperparams[self.hyperparam]
+        super().on_epoch_end(trainer, logs)
+
+    def check(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        # The value the steps before this check applied, before a reduction changes it.
+        logs[self.hyperparam] = trainer.hyperparams[self.hyperparam]
         value = self.monitored(logs)
         if self.in_cooldown():
             self.cooldown_counter -= 1
@@ -163,9 +177,8 @@ class ReduceOnPlateau(MonitorCallback):
         self.reductions += 1
         self.total_factor *= step_factor
         if self.verbose:
-            print(
-                f"Epoch {trainer.epoch}: ReduceOnPlateau lowered {name} from {old:.4g} to {new:.4g}"
-            )
+            at = f"Epoch {trainer.epoch}" if self.check_on == "epoch" else f"Step {trainer.step}"
+            print(f"{at}: ReduceOnPlateau lowered {name} from {old:.4g} to {new:.4g}")
         return True
 
     def state_dict(self) -> dict[str, Any]:

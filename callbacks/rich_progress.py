@@ -36,6 +36,11 @@ class RichProgress(Callback):
     hyperparameters, time, throughput) and a closing summary. Elsewhere (CI logs, a file, a
     pipe) and with ``verbose=2`` it prints one plain line per epoch and the summary.
 
+    A run whose epochs have no known length and that ``max_steps`` ends (an endless stream
+    without ``steps_per_epoch``) shows its progress by steps instead: ``Step 120/1000``,
+    with the ETA of the run. A validation every ``validation_steps_freq`` steps prints a
+    line ``Step 120/1000 - val_loss ...``.
+
     The display fits the terminal's width, read at every refresh: the label, the bar (at
     least 10 columns) and the counter always stay; the ETA, steps/s, the fit's ETA and
     samples/s follow as far as they fit, in that order; the values wrap onto more lines,
@@ -143,6 +148,9 @@ class RichProgress(Callback):
         config = trainer.fit_config
         self._epochs, self._batch = config.get("epochs"), config.get("batch_size")
         self._per_epoch = config.get("steps_per_epoch")
+        self._max_steps = config.get("max_steps")
+        # No epoch count, no epoch length: the run's own total, max_steps, is what to show.
+        self._by_steps = self._epochs is None and self._per_epoch is None and self._max_steps is not None
         self._fit_t0 = time.perf_counter()
         self._first_step: float | None = None  # seconds to the first execution's end
         self._clock: tuple[float, int] | None = None  # (time, step) the epoch's clock started
@@ -158,7 +166,7 @@ class RichProgress(Callback):
                 transient=True,
             )
             self._task = self._progress.add_task(
-                "", total=self._per_epoch, speed="", eta="?", values="", named={}
+                "", total=self._total, speed="", eta="?", values="", named={}
             )
             self._progress.start()
 
@@ -172,9 +180,9 @@ class RichProgress(Callback):
         if self._progress is not None:
             self._progress.reset(
                 self._task,
-                total=self._per_epoch,
-                completed=trainer.batch_in_epoch,
-                description=f"Epoch {trainer.epoch}/{self._epochs}",
+                total=self._total,
+                completed=self._done(trainer),
+                description="Step" if self._by_steps else f"Epoch {fmt.of(trainer.epoch, self._epochs)}",
                 speed="",
                 eta="?",
                 values="",
@@ -202,6 +210,13 @@ class RichProgress(Callback):
     def on_validation_start(self, trainer: Trainer) -> None:
         self._train_end = time.perf_counter()
 
+    def on_validation_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        if "step" not in logs:  # the epoch's validation: shown in its epoch row
+            return
+        line = fmt.validation_line(trainer.step, self._max_steps, {k: v for k, v in logs.items() if k != "step"})
+        console = self._con if self._progress is None else self._progress.console
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         now = time.perf_counter()
         speed = self._close_epoch_clock(trainer, self._train_end or now)
@@ -215,14 +230,15 @@ class RichProgress(Callback):
             line = fmt.epoch_line(trainer.epoch, self._epochs, shown, seconds, speed, self._batch)
             self._con.print(line, highlight=False, markup=False, soft_wrap=True)
             return
-        self._progress.update(self._task, completed=trainer.step - self._epoch_step0)
+        done = trainer.step if self._by_steps else trainer.step - self._epoch_step0
+        self._progress.update(self._task, completed=done)
         header = self._layout is None
         if self._layout is None:
             # Fixed at the first row: the rows are printed one by one and must align.
-            label = f"{self._epochs}/{self._epochs}"
+            label = fmt.of(self._epochs, self._epochs) if self._epochs else "9999"
             self._layout = fmt.TableLayout(self._con.width, label, list(shown), self._hp)
         row = {k: fmt.number(v) for k, v in shown.items()}
-        row.update(epoch=f"{trainer.epoch}/{self._epochs}", time=fmt.duration(seconds))
+        row.update(epoch=fmt.of(trainer.epoch, self._epochs), time=fmt.duration(seconds))
         row["steps/s"] = "-" if speed is None else f"{speed:.1f}"
         if self._layout.fits:
             self._progress.console.print(self._layout.table(row, header))
@@ -268,6 +284,14 @@ class RichProgress(Callback):
         assert self.console is not None, "RichProgress: used before on_fit_start"
         return self.console
 
+    @property
+    def _total(self) -> int | None:
+        """The bar's total: the run's steps when shown by steps, else the epoch's."""
+        return self._max_steps if self._by_steps else self._per_epoch
+
+    def _done(self, trainer: Trainer) -> int:
+        return trainer.step if self._by_steps else trainer.batch_in_epoch
+
     def _close_epoch_clock(self, trainer: Trainer, end: float) -> float | None:
         if self._clock is None:
             return None
@@ -290,7 +314,9 @@ class RichProgress(Callback):
         t0, step0 = self._clock
         speed = (trainer.step - step0) / (now - t0) if now > t0 and trainer.step > step0 else None
         eta = "?"
-        if speed and self._per_epoch:
+        if speed and self._by_steps and self._max_steps is not None:
+            eta = fmt.duration((self._max_steps - trainer.step) / speed)
+        elif speed and self._per_epoch:
             left = self._per_epoch - trainer.batch_in_epoch
             eta = fmt.duration(left / speed)
             if self._epochs and self._epochs > trainer.epoch:  # the fit's ETA, training time only
@@ -298,7 +324,7 @@ class RichProgress(Callback):
                 eta += f" (fit {fmt.duration(fit_left / speed)})"
         self._progress.update(
             self._task,
-            completed=trainer.batch_in_epoch,
+            completed=self._done(trainer),
             speed=fmt.rates(speed, self._batch),
             eta=eta,
             values=fmt.values(shown),

@@ -36,6 +36,9 @@ def state_dict(trainer: Trainer) -> dict[str, Any]:
         # "consumed", "state"} with the iterator's own state (grain's get_state()), or None
         # for array data, whose (epoch, batch_in_epoch) is the position. See docs/data.md.
         "data": trainer._data_position,
+        # 1 in a checkpoint a batch hook wrote at a step whose validation (every
+        # validation_steps_freq steps) had not run yet: a resume runs it first.
+        "validation_pending": int(trainer._validation_pending),
         "seed": trainer.seed,
         "run_id": trainer.run_id,
         "rng": _seed_key_data(trainer.seed).copy(),
@@ -73,6 +76,7 @@ def load_state_dict(trainer: Trainer, sd: dict[str, Any]) -> None:
     trainer._step, trainer._epochs_completed = int(sd["step"]), int(sd["epoch"])
     trainer.batch_in_epoch = int(sd["batch_in_epoch"])
     trainer._data_position = sd.get("data")  # absent from checkpoints of older versions
+    trainer._validation_pending = bool(sd.get("validation_pending", False))
     trainer.stop_reason = sd.get("stop_reason")
     trainer.run_id = sd.get("run_id") or trainer.run_id
     trainer.history.load_state_dict(sd["history"])

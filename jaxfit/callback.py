@@ -46,7 +46,9 @@ class Callback:
       loss of the last step executed. It is a device array: reading it waits for the
       device, so do that every N steps, not every step.
     * ``on_validation_start(trainer)``; ``on_validation_end(trainer, logs)`` with
-      ``{"val_loss": float, "val_<metric>": float, ...}``.
+      ``{"val_loss": float, "val_<metric>": float, ...}``, and ``"step"`` for a validation
+      every ``validation_steps_freq`` steps (an epoch-end one has none). Keys a callback
+      adds are recorded in ``History.validations``.
     * ``on_epoch_end(trainer, logs)`` — the epoch's train and validation loss and metrics
       as floats. Keys a callback adds to ``logs`` are recorded by ``History``.
     * ``on_fit_end(trainer, logs)`` — runs however ``fit`` ends once it has started, with

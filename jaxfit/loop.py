@@ -15,7 +15,7 @@ import signal
 import threading
 import warnings
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -97,7 +97,8 @@ def fit(trainer: Trainer, train: Any, val: Any) -> History:
     if max_steps is not None and max_steps <= trainer._step:
         warnings.warn(
             f"fit: nothing to train: the run is at step {trainer._step} and max_steps={max_steps} "
-            f"is the total to reach. To train n more steps, pass max_steps={trainer._step} + n.",
+            f"is the total to reach. To train n more steps, pass max_steps={trainer._step} + n; "
+            "to train by epochs instead, clear it: fit(epochs=N, max_steps=None).",
             UserWarning, stacklevel=3)
     elif epochs is not None and 0 < epochs <= trainer._epochs_completed and trainer.batch_in_epoch == 0:
         warnings.warn(
@@ -141,9 +142,15 @@ def _executions(trainer: Trainer, train: Any, epoch: int) -> Iterator[Execution]
     asynchronously). No more than ``max_steps`` needs are drawn from the data."""
     max_steps = trainer.fit_config.get("max_steps")
     limit = None if max_steps is None else max(max_steps - trainer._step, 0)
+    yield from prefetched(trainer, train.executions(epoch, trainer.batch_in_epoch, trainer.steps_per_execution,
+                                                    position=trainer._data_position, limit=limit))
+
+
+def prefetched(trainer: Trainer, executions: Iterable[Execution]) -> Iterator[Execution]:
+    """``executions`` placed on the device ``PREFETCH - 1`` ahead of the one handed out:
+    training, evaluation and prediction all read their data through it."""
     ahead: collections.deque[Execution] = collections.deque()
-    for ex in train.executions(epoch, trainer.batch_in_epoch, trainer.steps_per_execution,
-                               position=trainer._data_position, limit=limit):
+    for ex in executions:
         ahead.append(_placed(trainer, ex))
         if len(ahead) == PREFETCH:
             yield ahead.popleft()
@@ -183,12 +190,15 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
         measure=lambda: (trainer.scan_unroll == "auto" and trainer.fit_config.get("scan_unroll") is not True))
     record_unroll = lambda u: trainer.fit_config.__setitem__("scan_unroll", u)  # noqa: E731 - trace time
     max_steps, val_steps = trainer.fit_config.get("max_steps"), trainer.fit_config.get("validation_steps_freq")
-    while trainer._epochs_completed < epochs and not trainer.stop_training:
+    # A run already at max_steps trains nothing (and ends no epoch with no steps in it).
+    while trainer._epochs_completed < epochs and not trainer.stop_training and not _at_max_steps(trainer):
         epoch = trainer._epochs_completed + 1
         trainer._epoch_under_way = epoch
         if trainer.batch_in_epoch == 0 and epoch == first_epoch:
             _reset_metrics(trainer)  # later epochs start from _end_epoch's reset
         cbs.call("on_epoch_start", trainer)
+        if _pending_validation(trainer, val, train.steps_per_epoch, epoch):
+            break
         has_start, has_end = cbs.has("on_train_batch_start"), cbs.has("on_train_batch_end")
         schedules = {n: f for n, (f, _) in trainer._schedules.items()}
         steps = {k: engine.train_fn(k, schedules, trainer.scan_unroll, record_unroll) for k in {1, k_exec}}
@@ -202,9 +212,12 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
             trainer._step += ex.k
             trainer.batch_in_epoch += ex.k
             trainer._data_position = ex.position
+            # Known before the batch hooks, so that a checkpoint they write records it as due.
+            trainer._validation_pending = val is not None and _step_validation_due(
+                trainer, val_steps, ex.k, train.steps_per_epoch, epoch)
             if has_end:
                 cbs.call("on_train_batch_end", trainer, {"loss": loss} if loss is not None else {})
-            if val is not None and _step_validation_due(trainer, val_steps, ex.k, train.steps_per_epoch, epoch):
+            if trainer._validation_pending:
                 _validate(trainer, val, {"step": trainer._step})
             if max_steps is not None and trainer._step >= max_steps:
                 trainer.stop_training = True
@@ -218,6 +231,24 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
         # continues it; no epoch-end hooks for a partial epoch.
         if trainer.batch_in_epoch >= (train.steps_per_epoch or math.inf):
             _end_epoch(trainer, epoch, val)
+
+
+def _at_max_steps(trainer: Trainer) -> bool:
+    max_steps = trainer.fit_config.get("max_steps")
+    return max_steps is not None and trainer._step >= max_steps
+
+
+def _pending_validation(trainer: Trainer, val: Any, per_epoch: int | None, epoch: int) -> bool:
+    """Run the step validation a resumed checkpoint left due (a batch hook wrote it before
+    the validation of its step ran), as the uninterrupted run did; True when it stopped the run."""
+    if not trainer._validation_pending or val is None:
+        return False
+    _validate(trainer, val, {"step": trainer._step})
+    if not trainer.stop_training:
+        return False
+    if trainer.batch_in_epoch >= (per_epoch or math.inf):
+        _end_epoch(trainer, epoch, val)
+    return True
 
 
 def _step_validation_due(trainer: Trainer, every: int | None, k: int, per_epoch: int | None,
@@ -241,6 +272,7 @@ def _end_epoch(trainer: Trainer, epoch: int, val: Any) -> None:
 def _validate(trainer: Trainer, val: Any, extra: dict[str, Any] | None = None) -> dict[str, float]:
     """Evaluate the validation data; ``on_validation_end`` gets the ``val_`` logs (and, for a
     validation every ``validation_steps_freq`` steps, the ``step``)."""
+    trainer._validation_pending = False  # a checkpoint from here on has it (or is after it)
     trainer.callbacks.call("on_validation_start", trainer)
     val_logs = {f"val_{k}": v for k, v in trainer._evaluate_source(val).items()}
     trainer.callbacks.call("on_validation_end", trainer, {**val_logs, **(extra or {})})

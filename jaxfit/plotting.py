@@ -150,11 +150,14 @@ def plot_history(
     *,
     title: str | None = None,
     dpi: int = 100,
+    validations: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Plots every curve of a run: loss, each metric, each hyperparameter, train against val.
 
     A key ``k`` and its ``val_k`` share one panel; learning rates get a log axis when they span
-    more than a factor of 10. Values are per epoch, as in ``History.history``.
+    more than a factor of 10. Values are per epoch, as in ``History.history``. A run that
+    ended no epoch (trained by ``max_steps`` on a stream) is drawn from its validations
+    instead (``History.validations``, or ``validations=``): each value against the step.
 
     Args:
         history: a ``jaxfit.History`` (or anything with a ``history`` dict) or a dict of
@@ -170,6 +173,10 @@ def plot_history(
         ValueError: the history holds no numeric series.
     """
     logs = _as_dict(history)
+    if validations is None:
+        validations = getattr(history, "validations", None)
+    if not logs and validations:
+        return plot_curves(_by_step(validations), path, title=title, dpi=dpi)
     panels = []
     for key in _ordered_keys(logs):
         series: dict[str, tuple[Sequence[float], Sequence[float | None]]] = {}
@@ -214,14 +221,28 @@ def plot_command(
 
     ckpt_dir, manifest, state = read_checkpoint(Path(run))
     history = (state.get("history") or {}).get("history") or {}
-    if not history:
+    validations = (state.get("history") or {}).get("validations") or []
+    if not history and not validations:
         raise ValueError(
-            f"{ckpt_dir} holds no history yet: it was saved before the first epoch ended. "
-            "Plot a later checkpoint, or let the run finish an epoch."
+            f"{ckpt_dir} holds no history yet: it was saved before the first epoch ended and "
+            "before any validation. Plot a later checkpoint, or let the run finish an epoch."
         )
     path = Path(out) if out is not None else ckpt_dir.parent / "history.png"
     title = f"{ckpt_dir.parent.name}: epoch {manifest.get('epoch')}, step {manifest.get('step')}"
-    return plot_history(history, path, title=title, dpi=dpi)
+    return plot_history(history, path, title=title, dpi=dpi, validations=validations)
+
+
+def _by_step(validations: Sequence[Mapping[str, Any]]) -> list[Panel]:
+    """One panel per validation log key, its values against the step."""
+    keys = _ordered_keys({k: None for rec in validations for k in rec if k not in ("step", "epoch")})
+    panels = []
+    for base in keys:
+        key = base if any(base in rec for rec in validations) else f"val_{base}"
+        recs = [rec for rec in validations if key in rec]
+        series: dict[str, tuple[Sequence[float], Sequence[float | None]]] = {
+            key: ([float(r["step"]) for r in recs], [float(r[key]) for r in recs])}
+        panels.append(Panel(_label(key), "step", _label(key), series))
+    return panels
 
 
 def _as_dict(history: Any) -> dict[str, list[float | None]]:

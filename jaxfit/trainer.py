@@ -28,6 +28,17 @@ from jaxfit.step import LossStep, Step, loss_form
 STATE_FORMAT = _state.STATE_FORMAT
 
 
+class _RunsValue:
+    """The default of ``fit(max_steps=...)``: the run's own value (none for a new run).
+    ``None`` given explicitly clears a resumed run's ``max_steps``."""
+
+    def __repr__(self) -> str:
+        return "<the run's>"
+
+
+RUNS_VALUE = _RunsValue()
+
+
 class Trainer:
     """Trains a flax model with an optax optimizer, driving callbacks around jitted steps.
 
@@ -182,6 +193,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self._step = 0
         self._data_position: Any = None  # an iterable's position after the last batch trained on
+        self._validation_pending = False  # a step validation is due at this step and has not run
         self._masks: dict[Any, jax.Array] = {}
         self._signal: str | None = None
         self.run_id: str | None = None
@@ -286,6 +298,7 @@ class Trainer:
         self._es = self._place_state(es)
         self._step, self._epochs_completed, self.batch_in_epoch = 0, 0, 0
         self._data_position = None
+        self._validation_pending = False
         self._masks.clear()
 
     # ---------------------------------------------------------- placement
@@ -391,7 +404,7 @@ class Trainer:
         drop_remainder: bool | None = None,
         validation_split: float | None = None,
         steps_per_epoch: int | None = None,
-        max_steps: int | None = None,
+        max_steps: int | None | _RunsValue = RUNS_VALUE,
         validation_steps_freq: int | None = None,
         initial_params: Any = None,
         verbose: int | str | None = None,
@@ -414,10 +427,14 @@ class Trainer:
                 (an infinite one, or one whose passes run into each other), Keras's meaning.
             max_steps: end the run at this total of train steps (Lightning's meaning; a
                 total kept by a resumed ``fit()``, like ``epochs``). Without ``epochs`` the
-                epochs are then unlimited. A run it stops mid-epoch resumes mid-epoch.
+                epochs are then unlimited. A run it stops mid-epoch resumes mid-epoch. Left
+                out, a resumed run keeps its ``max_steps``; ``max_steps=None`` clears it, so
+                ``fit(epochs=20, max_steps=None)`` trains by epochs alone.
             validation_steps_freq: also validate every this many train steps (callbacks
-                see it in ``on_validation_end``, whose logs then hold ``step``);
-                ``validation_freq`` counts epochs. See ``docs/data.md``.
+                see it in ``on_validation_end``, whose logs then hold ``step``; History
+                records it in ``history.validations``; monitors act on it with
+                ``check_on="validation"``); ``validation_freq`` counts epochs. See
+                ``docs/data.md``.
             initial_params: params to start a new run from instead of the model's
                 initialisation: a whole params tree, or the subtrees to replace (a
                 pretrained backbone). Used once: a resumed run never re-applies them.
@@ -441,6 +458,9 @@ class Trainer:
         # initial_params start a new run once and are never kept (a resume must not re-apply
         # them); a recipe may carry them for its first fit (verify_resume does).
         initial_params = args.pop("initial_params", None) if initial_params is None else initial_params
+        if max_steps is None:
+            args.pop("max_steps", None)  # given as None: the run no longer ends at a step count
+        max_steps = None if isinstance(max_steps, _RunsValue) else max_steps
         given = dict(data=data, validation_data=validation_data, epochs=epochs, batch_size=batch_size,
                      validation_batch_size=validation_batch_size, shuffle=shuffle,
                      validation_freq=validation_freq, drop_remainder=drop_remainder, verbose=verbose,
@@ -559,8 +579,9 @@ class Trainer:
         assert self._engine is not None
         state, step = self.state, self._engine.eval_fn()
         acc = self._place_state(self._engine.zero_metrics("eval"))
-        for i, ex in enumerate(source.executions(0, 0, 1)):
-            acc = step(state, acc, self._place_batch(ex.batch, False), self._mask(ex), np.int32(i))
+        # The next batch is produced (and off the CPU, copied) while this one runs, as in fit.
+        for i, ex in enumerate(loop.prefetched(self, source.executions(0, 0, 1))):
+            acc = step(state, acc, ex.batch, self._mask(ex), np.int32(i))
         return self._engine.compute("eval", acc)
 
     def evaluate(self, data: Any, *, batch_size: int | None = None) -> dict[str, float]:
@@ -580,8 +601,8 @@ class Trainer:
         src = self._source(x, "prediction data", batch_size=batch_size or self._fit_args.get("batch_size"))
         self._check_divisible(loop.rows_of(src.example()))
         fn, state = self._engine.predict_fn(), self.state
-        outs = [(fn(state, self._place_batch(ex.batch, False), self._mask(ex), np.int32(i)), ex.n_valid[0])
-                for i, ex in enumerate(src.executions(0, 0, 1))]
+        outs = [(fn(state, ex.batch, self._mask(ex), np.int32(i)), ex.n_valid[0])
+                for i, ex in enumerate(loop.prefetched(self, src.executions(0, 0, 1)))]
         host = jax.device_get([o for o, _ in outs])
         parts = [jax.tree_util.tree_map(lambda a, n=n: a[:n] if n is not None else a, h)
                  for h, (_, n) in zip(host, outs)]

@@ -167,6 +167,8 @@ def test_state_dict_is_plain_data():
         "wait": 1,
         "best_epoch": 2,
         "stopped_epoch": 0,
+        "best_step": 0,
+        "stopped_step": 0,
         "best_weights": None,
     }
 

@@ -6,6 +6,7 @@ import io
 import re
 
 import cloudpickle
+import numpy as np
 import pytest
 from cb_helpers import tiny_data
 from conftest import MLP, make_trainer
@@ -204,3 +205,49 @@ def test_a_failed_fit_start_elsewhere_is_reported_as_is():
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         RichProgress(**kwargs)
+
+
+class _Endless:
+    """An endless stream of batches: its epochs have no length."""
+
+    def __iter__(self):
+        rng = np.random.default_rng(0)
+        while True:
+            x = rng.normal(size=(4, 4)).astype(np.float32)
+            yield x, (x[:, 0] > 0).astype(np.int32)
+
+
+def fit_by_steps(progress, extra=()):
+    trainer = make_trainer()
+    trainer.fit(MLP(), _Endless(), validation_data=tiny_data(8, seed=1), max_steps=12,
+                validation_steps_freq=4, callbacks=[progress, *extra])
+    return trainer
+
+
+def test_plain_mode_shows_a_max_steps_run_on_a_stream_by_steps():
+    console, out = plain_console()
+    fit_by_steps(RichProgress(console=console))
+    lines = out.getvalue().splitlines()
+    assert [ln.split(" - ")[0] for ln in lines[:3]] == ["Step 4/12", "Step 8/12", "Step 12/12"]
+    assert re.match(r"Step 4/12 - val_loss \d\.\d{4}  val_accuracy \d\.\d{4}$", lines[0])
+    assert lines[3].startswith("Trained 0 epochs (12 steps) in ") and "stopped: max_steps" in lines[3]
+    assert "None" not in out.getvalue()
+
+
+def test_live_bar_counts_the_steps_of_the_run_when_the_epochs_have_no_length(clock):
+    console, out = live_console()
+    progress = RichProgress(console=console, refresh_per_second=2)
+    shown = {}
+
+    def look(trainer, logs):  # what the live bar holds after the refresh of step 6
+        if trainer.step == 6:
+            task = progress._progress.tasks[0]
+            shown.update(task.fields, completed=task.completed, total=task.total, label=task.description)
+
+    tick = LambdaCallback(order=-1, on_train_batch_end=lambda t, logs: setattr(clock, "now", clock.now + 0.5))
+    fit_by_steps(progress, extra=[tick, LambdaCallback(order=300, on_train_batch_end=look)])
+    # 2 steps/s since the first step; 6 of the run's 12 steps left: 3 s
+    assert (shown["label"], shown["completed"], shown["total"]) == ("Step", 6, 12)
+    assert shown["eta"] == "3.0s"
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    assert "Step 8/12 - val_loss" in text and "Epoch 1/None" not in text

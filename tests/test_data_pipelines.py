@@ -8,45 +8,12 @@ import numpy as np
 import optax
 import pytest
 from conftest import MLP, Recorder, make_trainer
+from streams import Stream
+from streams import batch as _batch
 
 from jaxfit import Callback, Trainer
 
 grain = pytest.importorskip("grain")
-
-
-def _batch(i, rows=4):
-    rng = np.random.default_rng(i)
-    x = rng.normal(size=(rows, 4)).astype(np.float32)
-    return x, (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0)
-
-
-class Stream:
-    """An infinite stream with its own state; counts the batches it produces."""
-
-    def __init__(self):
-        self.produced = []
-
-    def __iter__(self):
-        return _StreamIter(self)
-
-
-class _StreamIter:
-    def __init__(self, owner):
-        self.owner, self.i = owner, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.owner.produced.append(self.i)
-        self.i += 1
-        return _batch(self.i - 1)
-
-    def get_state(self):
-        return {"i": np.int64(self.i)}  # a numpy scalar: stored as a plain int
-
-    def set_state(self, state):
-        self.i = state["i"]
 
 
 def _same(a, b):
@@ -229,6 +196,48 @@ def test_the_next_batch_is_on_its_way_before_the_current_step_runs():
     # step i (0-based) starts when batch i + 1 was already produced and placed on the device
     assert seen == [(i, i + 2) for i in range(5)] + [(5, 6)]  # never past the epoch's end
     assert stream.produced == list(range(6))
+
+
+class _Pass:
+    """Four batches per pass (of inputs alone with ``inputs_only``); ``produced`` counts the
+    batches of the pass under way."""
+
+    def __init__(self, inputs_only=False):
+        self.inputs_only, self.produced = inputs_only, []
+
+    def __iter__(self):
+        self.produced = []
+        for i in range(4):
+            self.produced.append(i)
+            yield _batch(i)[0] if self.inputs_only else _batch(i)
+
+
+def _spied(trainer, name, data, seen):
+    """Record, at each call of the engine's ``name`` program, how many batches ``data`` had
+    produced in its pass."""
+    real = getattr(trainer._engine, name)
+
+    def make():
+        fn = real()
+        return lambda *args: (seen.append(len(data.produced)), fn(*args))[1]
+
+    setattr(trainer._engine, name, make)
+
+
+@pytest.mark.parametrize("kind", ["evaluate", "validation", "predict"])
+def test_evaluation_and_prediction_read_the_next_batch_ahead_like_training(kind):
+    t = make_trainer()
+    t.fit(MLP(), [_batch(0)], verbose=0)
+    data, seen = _Pass(inputs_only=kind == "predict"), []
+    _spied(t, "predict_fn" if kind == "predict" else "eval_fn", data, seen)
+    if kind == "evaluate":
+        t.evaluate(data)
+    elif kind == "predict":
+        assert t.predict(data).shape == (16, 3)
+    else:
+        t.fit(validation_data=data, epochs=2)
+    # batch i (0-based) runs when batch i + 1 was already produced, never past the pass
+    assert seen == [2, 3, 4, 4]
 
 
 def test_steps_per_execution_stacks_equal_iterable_batches():

@@ -160,6 +160,33 @@ def test_plot_command_before_the_first_epoch_ends_is_a_clear_error(tmp_path, dat
         plot_command(first)
 
 
+def test_a_run_that_ended_no_epoch_is_drawn_from_its_validations_by_step(captured):
+    vals = [{"step": 3, "epoch": 1, "val_loss": 0.9, "val_accuracy": 0.5, "learning_rate": 0.1},
+            {"step": 6, "epoch": 1, "val_loss": 0.7, "val_accuracy": 0.6, "learning_rate": 0.05}]
+    plot_history(types.SimpleNamespace(history={}, validations=vals), "unused.png")
+    panels = captured[0]
+    assert [p.title for p in panels] == ["val_loss", "val_accuracy", "learning rate"]
+    assert panels[0].xlabel == "step" and panels[0].series == {"val_loss": ([3.0, 6.0], [0.9, 0.7])}
+    plot_history(types.SimpleNamespace(history=HISTORY, validations=vals), "unused.png")
+    assert captured[1][0].xlabel == "epoch"  # a run with epochs is drawn by epoch
+
+
+def test_plot_command_draws_a_run_by_steps_from_its_validations(tmp_path, data):
+    import optax
+    from conftest import MLP
+
+    from jaxfit import Trainer
+    from jaxfit.callbacks import ModelCheckpoint
+
+    x, y = data
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    trainer = Trainer(optimizer=optax.sgd(0.1), metrics=["accuracy"], seed=0)
+    trainer.fit(MLP(), batches, validation_data=data, max_steps=3, validation_steps_freq=1, verbose=0,
+                callbacks=[ModelCheckpoint(tmp_path / "run", every_n_epochs=None)])
+    assert trainer.history.history == {} and len(trainer.history.validations) == 3
+    assert png_size(plot_command(tmp_path / "run")) == (1000, 360)  # val_loss, val_accuracy by step
+
+
 def test_plot_command_on_a_missing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint or run directory"):
         plot_command(tmp_path / "nope")

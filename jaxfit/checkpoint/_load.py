@@ -28,7 +28,8 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "epoch": (int, np.integer), "batch_in_epoch": (int, np.integer),
     "seed": (int, np.integer), "input_spec": (dict, type(None)), "history": (dict,)}
 _OPTIONAL: dict[str, tuple[type, ...]] = {
-    "run_id": (str, type(None)), "stop_reason": (str, type(None)), "callbacks": (dict,)}
+    "run_id": (str, type(None)), "stop_reason": (str, type(None)), "callbacks": (dict,),
+    "validation_pending": (int, np.integer)}
 
 
 def _spec_bytes(spec: Any, source: str) -> int:
