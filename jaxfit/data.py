@@ -177,16 +177,20 @@ class ArrayData:
 
         def rows(lo: int, hi: int, kk: int) -> list:
             end = min(hi, self.n)
-            out = [a[perm[lo:end]] if perm is not None else a[lo:end] for a in leaves]
+            sel = slice(lo, end) if perm is None else perm[lo:end]
+            out = [a[sel] for a in leaves]
             return out if kk == 1 else [a.reshape(kk, B, *a.shape[1:]) for a in out]
 
-        i = start
+        i, last_full = start, min(full, steps)
+        unflatten, one, group = jax.tree_util.tree_unflatten, (B,), (B,) * k
+        while i < last_full:  # full batches, k at a time while k of them are left
+            if i + k <= last_full:
+                yield Execution(unflatten(treedef, rows(i * B, (i + k) * B, k)), group, B)
+                i += k
+            else:
+                yield Execution(unflatten(treedef, rows(i * B, (i + 1) * B, 1)), one, B)
+                i += 1
         while i < steps:
-            if i < full:  # full batches, k at a time while k of them are left
-                kk = k if i + k <= min(full, steps) else 1
-                yield Execution(jax.tree_util.tree_unflatten(treedef, rows(i * B, (i + kk) * B, kk)), (B,) * kk, B)
-                i += kk
-                continue
             n = self.n - i * B  # the last, partial batch, at its true size
             padded = -(-n // self.pad_multiple) * self.pad_multiple
             out = rows(i * B, self.n, 1)

@@ -205,16 +205,17 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
         for ex in _executions(trainer, train, epoch):
             if has_start:
                 cbs.call("on_train_batch_start", trainer)
-            if ex.k > 1 and trainer.mesh is None:
-                trainer._es, loss = fusion.run(steps[ex.k], steps[1], trainer._es, ex, trainer._mask)
+            k = ex.k
+            if k > 1 and trainer.mesh is None:
+                trainer._es, loss = fusion.run(steps[k], steps[1], trainer._es, ex, trainer._mask)
             else:
-                trainer._es, loss = steps[ex.k](trainer._es, ex.batch, trainer._mask(ex))
-            trainer._step += ex.k
-            trainer.batch_in_epoch += ex.k
+                trainer._es, loss = steps[k](trainer._es, ex.batch, trainer._mask(ex))
+            trainer._step += k
+            trainer.batch_in_epoch += k
             trainer._data_position = ex.position
             # Known before the batch hooks, so that a checkpoint they write records it as due.
-            trainer._validation_pending = val is not None and _step_validation_due(
-                trainer, val_steps, ex.k, train.steps_per_epoch, epoch)
+            trainer._validation_pending = val_steps is not None and val is not None and _step_validation_due(
+                trainer, val_steps, k, train.steps_per_epoch, epoch)
             if has_end:
                 cbs.call("on_train_batch_end", trainer, {"loss": loss} if loss is not None else {})
             if trainer._validation_pending:
