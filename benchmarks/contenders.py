@@ -144,5 +144,10 @@ CONTENDERS: dict[str, Contender] = {
             "jaxfit-spe", "jaxfit steps_per_execution=16", _jaxfit(steps_per_execution=16),
             prepare=_import_jaxfit,
         ),
+        Contender(
+            "jaxfit-spe-rolled", "jaxfit steps_per_execution=16, scan_unroll=1",
+            _jaxfit(steps_per_execution=16, scan_unroll=1), skip={"W2": _ROLLED_W2},
+            prepare=_import_jaxfit,
+        ),
     ]
 }

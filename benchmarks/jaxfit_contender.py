@@ -63,6 +63,7 @@ def xent_full_form(model, batch, ctx):
 def run_jaxfit(
     w: Workload, epochs: int, clock: Clock, workdir: str, callbacks: bool = False,
     steps_per_execution: int = 1, checkpoint: bool = True, full_form: bool = False,
+    scan_unroll: int | str = "auto",
 ) -> dict:
     """Trains `w` with `jaxfit.Trainer.fit`, timing through a late-running callback."""
     from jaxfit import Callback, Trainer
@@ -92,7 +93,7 @@ def run_jaxfit(
     scheduled = any(type(c).__name__ == "LRScheduler" for c in extra)
     trainer = Trainer(
         optimizer=w.make_optimizer(inject=True, constant=scheduled), loss=loss, seed=0,
-        steps_per_execution=steps_per_execution,
+        steps_per_execution=steps_per_execution, scan_unroll=scan_unroll,
     )
     history = trainer.fit(
         w.make_model(), data, epochs=epochs, batch_size=w.batch_size,

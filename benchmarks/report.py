@@ -45,6 +45,8 @@ PAIRS = (
     ("jaxfit-plain", "C", "jaxfit fit / Keras fit, no callbacks (ahead: > 1)"),
     ("jaxfit-callbacks", "C-callbacks", "jaxfit + everyday callbacks / Keras + 3 callbacks (ahead: > 1)"),
     ("jaxfit-spe", "B-rolled", "jaxfit steps_per_execution=16 / hand scan B rolled (target >= 1)"),
+    ("jaxfit-spe-rolled", "B-rolled",
+     "jaxfit steps_per_execution=16, scan_unroll=1 / hand scan B rolled (target >= 1)"),
 )
 
 

@@ -8,9 +8,10 @@ peak RSS, plus a PNG bar chart of the ratios.
 
 Usage, from the repository root (`pip install -e .[bench]` for Keras):
 
-    python -m benchmarks.run --quick           # one repetition, short epochs, < 2 minutes
+    python -m benchmarks.run --quick           # one repetition, short epochs, a few minutes
     python -m benchmarks.run                   # the full run: 3 repetitions
     python -m benchmarks.run --workloads W1 --contenders A,C --reps 5
+    python -m benchmarks.run --workloads W4 --contenders A,B-rolled,jaxfit-callbacks,jaxfit-spe
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _run_one(name: str, workload: str, epochs: int, rep: int, timeout: float,
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 repetition, short runs, < 2 min")
+    p.add_argument("--quick", action="store_true", help="1 repetition, short runs")
     p.add_argument("--reps", type=int, help="repetitions (default: 3, or 1 with --quick)")
     p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated (W1,W2,W3,W4)")
     p.add_argument("--contenders", help="comma-separated names (default: all available)")
