@@ -86,3 +86,19 @@ def test_same_run_comparisons_pair_contenders_within_a_repetition():
     text = markdown(summarize(results), [("C", "C")], ["W1"], {}, [], comparisons(results))
     assert "| full-form loss / built-in loss, both with the everyday callbacks (target >= 0.98) " \
            "| 1.00 (0.99–1.02) |" in text  # 1.005 shown as 1.00
+
+
+def test_clock_records_rss_per_epoch_only_when_asked():
+    for track in (False, True):
+        clock = Clock(track_rss=track)
+        clock.start()
+        clock.first_step()
+        for _ in range(3):
+            clock.epoch_end()
+        result = clock.result(steps_per_epoch=10, batch_size=4)
+        if track:
+            assert len(result["epoch_rss_mb"]) == 3
+            # (the kernel updates the high-water mark lazily: now may read a page or two above)
+            assert all(0 < v < result["peak_rss_mb"] + 8 for v in result["epoch_rss_mb"])
+        else:
+            assert "epoch_rss_mb" not in result
