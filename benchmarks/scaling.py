@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -61,6 +62,7 @@ def scaling_rows(results: list[dict], variants: list[str]) -> list[dict]:
             "variant": v, "hidden": w.hidden, "params": params, "params_x": params / base,
             # params and Adam's two moments, float32 each.
             "state_mb": 3 * params * 4 / 2**20, "rows": w.batches * w.batch_size,
+            "data_mb": w.batches * w.batch_size * math.prod(w.input_shape) * 4 / 2**20,
             "steps_per_epoch": w.batches,
             "a_steps": a.get("steps_per_s"), "j_steps": j.get("steps_per_s"),
             "ratio": j.get("ratio"), "a_rss": a.get("peak_rss_mb"), "j_rss": j.get("peak_rss_mb"),
@@ -100,7 +102,7 @@ def scaling_markdown(rows: list[dict], header: str = "", errors: list[dict] = ()
             notes.append(
                 f"  - jaxfit peak RSS {r['j_rss'][0] - first['j_rss'][0]:+.0f} MiB over "
                 f"{first['variant']}, for {r['state_mb'] - first['state_mb']:+.0f} MiB more "
-                f"Adam state and {(r['rows'] - first['rows']) * 784 * 4 / 2**20:+.0f} MiB more data"
+                f"Adam state and {r['data_mb'] - first['data_mb']:+.0f} MiB more data"
             )
     if notes:
         lines += ["", "Against the first row (medians):", "", *notes]
