@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from benchmarks import scaling
 from benchmarks.hand import lm_state
@@ -27,6 +28,7 @@ class BatchLosses(Callback):
         self.losses.append(float(logs["loss"]))
 
 
+@pytest.mark.slow
 def test_w4_hand_step_and_jaxfit_full_form_loss_agree_and_train_alike():
     w = WORKLOADS["W4"]
     (tokens,) = w.data()
@@ -52,6 +54,7 @@ def test_w4_hand_step_and_jaxfit_full_form_loss_agree_and_train_alike():
     assert_bitwise(trainer.params, state.params)
 
 
+@pytest.mark.slow
 def test_full_form_cross_entropy_trains_as_the_built_in_loss():
     w = WORKLOADS["W1"]
     x, y = (a[: 3 * w.batch_size] for a in w.data())
