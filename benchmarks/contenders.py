@@ -95,6 +95,7 @@ _KERAS_ENV = {"KERAS_BACKEND": "jax"}
 _NO_JEMALLOC = "libjemalloc.so.2 not found (apt-get install libjemalloc2)"
 _W2_ONLY = "the allocator effect is W2's (--include-slow runs it here too)"
 _ROLLED_W2 = "a rolled scan over convolutions runs ~0.02-0.04x of A on XLA:CPU (jax#12868)"
+_LM_FULL_FORM = "W4's jaxfit contenders all train with a full-form loss (lm1b's)"
 
 CONTENDERS: dict[str, Contender] = {
     c.name: c
@@ -105,7 +106,7 @@ CONTENDERS: dict[str, Contender] = {
         Contender(
             "A-jemalloc", "A + jemalloc preload", _hand(),
             env={"LD_PRELOAD": _JEMALLOC or "", "MALLOC_CONF": JEMALLOC_CONF},
-            skip={w: _NO_JEMALLOC if not _JEMALLOC else _W2_ONLY for w in ("W1", "W3")}
+            skip={w: _NO_JEMALLOC if not _JEMALLOC else _W2_ONLY for w in ("W1", "W3", "W4")}
             | ({"W2": _NO_JEMALLOC} if not _JEMALLOC else {}),
         ),
         Contender("B-rolled", "B hand scan K=16, rolled", _hand(16), skip={"W2": _ROLLED_W2}),
@@ -120,7 +121,15 @@ CONTENDERS: dict[str, Contender] = {
             env=_KERAS_ENV, needs=("keras",), default=False,
         ),
         Contender(
+            "jaxfit-plain", "jaxfit fit, no callbacks", _jaxfit(), prepare=_import_jaxfit,
+        ),
+        Contender(
             "jaxfit-callbacks", "jaxfit fit + everyday callbacks", _jaxfit(callbacks=True),
+            prepare=_import_jaxfit,
+        ),
+        Contender(
+            "jaxfit-fullform", "jaxfit fit + everyday callbacks, full-form loss",
+            _jaxfit(callbacks=True, full_form=True), skip={"W4": _LM_FULL_FORM},
             prepare=_import_jaxfit,
         ),
         Contender(
@@ -133,6 +142,11 @@ CONTENDERS: dict[str, Contender] = {
         ),
         Contender(
             "jaxfit-spe", "jaxfit steps_per_execution=16", _jaxfit(steps_per_execution=16),
+            prepare=_import_jaxfit,
+        ),
+        Contender(
+            "jaxfit-spe-rolled", "jaxfit steps_per_execution=16, scan_unroll=1",
+            _jaxfit(steps_per_execution=16, scan_unroll=1), skip={"W2": _ROLLED_W2},
             prepare=_import_jaxfit,
         ),
     ]

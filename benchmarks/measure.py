@@ -9,11 +9,14 @@ once the result of its first training step (or first fused execution) is on the 
 - time to first step: from `start()` to `first_step()` (model init, compile, one step);
 - compile: the seconds JAX spent tracing, lowering and compiling during the run, summed from
   `jax.monitoring` duration events (so one-off compiles of init ops count too);
-- peak RSS: the process's `ru_maxrss`, imports included.
+- peak RSS: the process's `ru_maxrss`, imports included;
+- with `track_rss`, the resident set size at each epoch's end (`epoch_rss_mb`, from
+  `/proc/self/statm`; Linux only), to show whether memory grows with steps and checkpoints.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -28,7 +31,9 @@ _COMPILE_EVENTS = (
 class Clock:
     """Timestamps of one contender's run, plus JAX compile time from monitoring events."""
 
-    def __init__(self) -> None:
+    def __init__(self, track_rss: bool = False) -> None:
+        self.track_rss = track_rss
+        self.epoch_rss: list[float] = []
         self.t0: float | None = None
         self.t_first: float | None = None
         self.epoch_ends: list[float] = []
@@ -50,6 +55,8 @@ class Clock:
 
     def epoch_end(self) -> None:
         self.epoch_ends.append(time.perf_counter())
+        if self.track_rss:
+            self.epoch_rss.append(current_rss_mb())
 
     def result(self, steps_per_epoch: int, batch_size: int, **extra: object) -> dict:
         """The JSON-able figures of this run; raises if the contender skipped a mark."""
@@ -72,8 +79,16 @@ class Clock:
             "ttfs_s": self.t_first - self.t0,
             "compile_s": self.compile_s,
             "peak_rss_mb": peak_rss_mb(),
+            **({"epoch_rss_mb": self.epoch_rss} if self.track_rss else {}),
             **extra,
         }
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MiB (Linux: /proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
 def peak_rss_mb() -> float:

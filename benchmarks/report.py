@@ -38,6 +38,40 @@ def summarize(results: list[dict]) -> dict:
     return summary
 
 
+# Same-run comparisons the issue asks for: (numerator, denominator, what the row says).
+PAIRS = (
+    ("jaxfit-fullform", "jaxfit-callbacks",
+     "full-form loss / built-in loss, both with the everyday callbacks (target >= 0.98)"),
+    ("jaxfit-plain", "C", "jaxfit fit / Keras fit, no callbacks (ahead: > 1)"),
+    ("jaxfit-callbacks", "C-callbacks", "jaxfit + everyday callbacks / Keras + 3 callbacks (ahead: > 1)"),
+    ("jaxfit-spe", "B-rolled", "jaxfit steps_per_execution=16 / hand scan B rolled (target >= 1)"),
+    ("jaxfit-spe-rolled", "B-rolled",
+     "jaxfit steps_per_execution=16, scan_unroll=1 / hand scan B rolled (target >= 1)"),
+)
+
+
+def pair_ratios(results: list[dict], num: str, den: str) -> dict[str, tuple[float, float, float]]:
+    """Per workload: median, min and max over repetitions of `num`'s steady steps/s over
+    `den`'s in the same repetition (repetitions missing either are left out)."""
+    by = {(r["contender"], r["workload"], r["rep"]): r["steps_per_s"]
+          for r in results if "error" not in r}
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for (c, w, rep), v in by.items():
+        if c == num and (den, w, rep) in by:
+            ratios[w].append(v / by[(den, w, rep)])
+    return {w: (statistics.median(v), min(v), max(v)) for w, v in ratios.items()}
+
+
+def comparisons(results: list[dict], pairs=PAIRS) -> list[tuple[str, dict]]:
+    """`(label, {workload: (median, min, max)})` of every pair of `pairs` that ran."""
+    out = []
+    for num, den, label in pairs:
+        stats = pair_ratios(results, num, den)
+        if stats:
+            out.append((label, stats))
+    return out
+
+
 def _rng(stat: tuple[float, float, float] | None, fmt: str) -> str:
     if stat is None:
         return "–"
@@ -49,9 +83,10 @@ def _rng(stat: tuple[float, float, float] | None, fmt: str) -> str:
 
 def markdown(
     summary: dict, contenders: list[tuple[str, str]], workloads: list[str], skipped: dict,
-    errors: list[dict],
+    errors: list[dict], compared: list[tuple[str, dict]] = (),
 ) -> str:
-    """The ratio overview (contenders x workloads) then one detailed table per workload."""
+    """The ratio overview (contenders x workloads), the same-run comparisons of `compared`
+    (from `comparisons`), then one detailed table per workload."""
     lines = ["### Steady-state steps/s, ratio to A (median (min–max) over repetitions)", ""]
     lines.append("| contender | " + " | ".join(workloads) + " |")
     lines.append("|---|" + "---|" * len(workloads))
@@ -63,6 +98,14 @@ def markdown(
             else:
                 cells.append("skipped" if (name, w) in skipped else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if compared:
+        lines += ["", "### Same-run comparisons: steps/s of one contender over another's in the "
+                  "same repetition, median (min–max)", ""]
+        lines.append("| comparison | " + " | ".join(workloads) + " |")
+        lines.append("|---|" + "---|" * len(workloads))
+        for label, stats in compared:
+            cells = [_rng(stats.get(w), ".2f") for w in workloads]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for w in workloads:
         lines += ["", f"### {w}", ""]
         lines.append(

@@ -8,9 +8,10 @@ peak RSS, plus a PNG bar chart of the ratios.
 
 Usage, from the repository root (`pip install -e .[bench]` for Keras):
 
-    python -m benchmarks.run --quick           # one repetition, short epochs, < 2 minutes
+    python -m benchmarks.run --quick           # one repetition, short epochs, a few minutes
     python -m benchmarks.run                   # the full run: 3 repetitions
     python -m benchmarks.run --workloads W1 --contenders A,C --reps 5
+    python -m benchmarks.run --workloads W4 --contenders A,B-rolled,jaxfit-callbacks,jaxfit-spe
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Epochs per run, the first one (compile) being left out of the steady figures.
 EPOCHS = {
-    "full": {"W1": 1 + 60, "W2": 1 + 2, "W3": 1 + 8},
-    "quick": {"W1": 1 + 10, "W2": 1 + 1, "W3": 1 + 2},
+    "full": {"W1": 1 + 60, "W2": 1 + 2, "W3": 1 + 8, "W4": 1 + 4},
+    "quick": {"W1": 1 + 10, "W2": 1 + 1, "W3": 1 + 2, "W4": 1 + 1},
 }
 QUICK_CONTENDERS = ("A", "C-callbacks", "jaxfit-callbacks", "jaxfit-spe")
 
 
-def _run_one(name: str, workload: str, epochs: int, rep: int, timeout: float) -> dict:
+def _run_one(name: str, workload: str, epochs: int, rep: int, timeout: float,
+             extra_args: tuple[str, ...] = ()) -> dict:
     from benchmarks.contenders import CONTENDERS
 
     env = dict(os.environ)
@@ -44,7 +46,8 @@ def _run_one(name: str, workload: str, epochs: int, rep: int, timeout: float) ->
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory(prefix="jaxfit-bench-") as workdir:
         cmd = [sys.executable, "-m", "benchmarks.worker", "--contender", name,
-               "--workload", workload, "--epochs", str(epochs), "--workdir", workdir]
+               "--workload", workload, "--epochs", str(epochs), "--workdir", workdir,
+               *extra_args]
         base = {"contender": name, "workload": workload, "rep": rep}
         try:
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
@@ -60,9 +63,9 @@ def _run_one(name: str, workload: str, epochs: int, rep: int, timeout: float) ->
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="1 repetition, short runs, < 2 min")
+    p.add_argument("--quick", action="store_true", help="1 repetition, short runs")
     p.add_argument("--reps", type=int, help="repetitions (default: 3, or 1 with --quick)")
-    p.add_argument("--workloads", default="W1,W2,W3", help="comma-separated (W1,W2,W3)")
+    p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma-separated (W1,W2,W3,W4)")
     p.add_argument("--contenders", help="comma-separated names (default: all available)")
     p.add_argument("--epochs", type=int, help="override epochs per run (1 warm-up + measured)")
     p.add_argument("--include-slow", action="store_true",
@@ -105,7 +108,7 @@ def _select(args: argparse.Namespace) -> tuple[list[str], list[str], dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = _parse(argv)
     from benchmarks.contenders import CONTENDERS
-    from benchmarks.report import chart, markdown, summarize
+    from benchmarks.report import chart, comparisons, markdown, summarize
 
     workloads, names, skipped = _select(args)
     mode = "quick" if args.quick else "full"
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     summary = summarize(results)
     labels = [(n, CONTENDERS[n].label) for n in names]
     errors = [r for r in results if "error" in r]
-    table = header + "\n" + markdown(summary, labels, workloads, skipped, errors)
+    table = header + "\n" + markdown(summary, labels, workloads, skipped, errors,
+                                     comparisons(results))
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "table.md"), "w") as f:

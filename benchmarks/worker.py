@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workload", required=True)
     parser.add_argument("--epochs", type=int, required=True, help="1 warm-up + measured")
     parser.add_argument("--workdir", required=True, help="scratch dir for checkpoints")
+    parser.add_argument("--track-rss", action="store_true",
+                        help="record the resident set size at each epoch's end")
     args = parser.parse_args(argv)
 
     from benchmarks.contenders import CONTENDERS
@@ -25,10 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     spec.prepare()  # e.g. the allocator tuning, which must run before JAX's backend starts
 
     from benchmarks.measure import Clock
-    from benchmarks.workloads import WORKLOADS
+    from benchmarks.workloads import workload
 
-    w = WORKLOADS[args.workload]
-    clock = Clock()
+    w = workload(args.workload)
+    clock = Clock(track_rss=args.track_rss)
     extra = spec.run(w, args.epochs, clock, args.workdir)
     result = clock.result(w.batches, w.batch_size, **extra)
     result.update(contender=args.contender, workload=args.workload)

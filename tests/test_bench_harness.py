@@ -50,7 +50,7 @@ def test_unknown_names_are_rejected_with_the_choices(tmp_path):
     with pytest.raises(SystemExit, match="unknown contender.*choose from"):
         bench_run.main(["--contenders", "A,Z", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown workload.*W4"):
-        bench_run.main(["--workloads", "W4", "--out", str(tmp_path)])
+        bench_run.main(["--workloads", "W9", "--out", str(tmp_path)])
 
 
 @pytest.mark.slow
@@ -67,3 +67,38 @@ def test_quick_run_writes_table_results_and_chart(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["mode"] == "quick" and len(saved["results"]) == 2
     assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_run_comparisons_pair_contenders_within_a_repetition():
+    from benchmarks.report import comparisons
+
+    results = [_r("jaxfit-callbacks", 0, 100), _r("jaxfit-fullform", 0, 99),
+               _r("jaxfit-callbacks", 1, 50), _r("jaxfit-fullform", 1, 51),
+               _r("jaxfit-fullform", 2, 80),  # its pair failed: left out
+               {"contender": "jaxfit-callbacks", "workload": "W1", "rep": 2, "error": "x"},
+               _r("C", 0, 40), _r("jaxfit-plain", 0, 80)]
+    compared = dict(comparisons(results))
+    full = compared["full-form loss / built-in loss, both with the everyday callbacks "
+                    "(target >= 0.98)"]["W1"]
+    assert full == pytest.approx((1.005, 0.99, 1.02))
+    assert compared["jaxfit fit / Keras fit, no callbacks (ahead: > 1)"]["W1"] == (2.0, 2.0, 2.0)
+    assert not any("steps_per_execution" in label for label in compared)
+    text = markdown(summarize(results), [("C", "C")], ["W1"], {}, [], comparisons(results))
+    assert "| full-form loss / built-in loss, both with the everyday callbacks (target >= 0.98) " \
+           "| 1.00 (0.99–1.02) |" in text  # 1.005 shown as 1.00
+
+
+def test_clock_records_rss_per_epoch_only_when_asked():
+    for track in (False, True):
+        clock = Clock(track_rss=track)
+        clock.start()
+        clock.first_step()
+        for _ in range(3):
+            clock.epoch_end()
+        result = clock.result(steps_per_epoch=10, batch_size=4)
+        if track:
+            assert len(result["epoch_rss_mb"]) == 3
+            # (the kernel updates the high-water mark lazily: now may read a page or two above)
+            assert all(0 < v < result["peak_rss_mb"] + 8 for v in result["epoch_rss_mb"])
+        else:
+            assert "epoch_rss_mb" not in result
