@@ -25,8 +25,9 @@ class CSVLogger(Callback):
     first appears later adds a column (the file is rewritten, earlier rows get an empty
     cell). Values are written with full float precision.
 
-    Files are never half-written: a row is appended and flushed, a rewrite goes to a
-    temporary file that replaces the old one. Nothing is touched before the first epoch
+    Files are never half-written: a row is appended in one write (the OS has it at once,
+    so a killed process loses none; the file is synced to the disk at fit end), a rewrite
+    goes to a synced temporary file that replaces the old one. Nothing is touched before the first epoch
     ends, so a fit that fails at start leaves an earlier log as it was.
 
     In a multi-process run only process 0 writes.
@@ -106,10 +107,15 @@ class CSVLogger(Callback):
         return buf.getvalue()
 
     def _append_row(self, row: dict[str, str]) -> None:
+        # Handed to the OS at once (a killed process loses no row); synced to the disk at
+        # fit end, not here: an fsync per epoch costs the training thread milliseconds.
         with open(self.filename, "a", newline="") as f:
             f.write(self._format([row], header=False))
-            f.flush()
-            os.fsync(f.fileno())
+
+    def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
+        if self._active and self._in_sync and os.path.exists(self.filename):
+            with open(self.filename, "rb+") as f:
+                os.fsync(f.fileno())
 
     def _rewrite(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.filename))

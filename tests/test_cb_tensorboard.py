@@ -96,3 +96,21 @@ def test_bad_arguments(tmp_path):
         TensorBoard(tmp_path, every_n_steps=0)
     with pytest.raises(ConfigError, match="log_dir must be a path"):
         TensorBoard(3)
+    for bad in (0, -1.0, True, "2"):
+        with pytest.raises(ConfigError, match="flush_secs must be a number of seconds > 0"):
+            TensorBoard(tmp_path, flush_secs=bad)
+
+
+def test_epoch_end_leaves_flushing_to_the_writer_thread(tmp_path, monkeypatch):
+    # No fsync on the training thread at epoch ends: the writer is asked for none, and the
+    # scalars are all in the files once the fit has ended (closing flushes them).
+    import tensorboardX
+
+    flushes = []
+    monkeypatch.setattr(tensorboardX.SummaryWriter, "flush", lambda self: flushes.append(self))
+    x, y = tiny_data()
+    make_trainer().fit(MLP(), (x, y), epochs=3, batch_size=16, verbose=0,
+                       callbacks=[TensorBoard(tmp_path / "tb", flush_secs=60)])
+    assert flushes == []
+    scalars, _ = events(tmp_path / "tb" / "train")
+    assert len([v for _, _, tag, v in scalars if tag == "epoch_loss"]) == 3
