@@ -150,3 +150,21 @@ def decode_spec(node: Any) -> Any:
     if "list" in node:
         return [decode_spec(v) for v in node["list"]]
     return jax.ShapeDtypeStruct(tuple(node["shape"]), jax.numpy.dtype(node["dtype"]))
+
+
+def from_recipe(cls: type[Trainer], recipe: dict[str, Any], overrides: dict[str, Any]) -> Trainer:
+    """``Trainer.from_recipe``: a trainer built from a recipe, with no state yet."""
+    args = {**recipe["trainer"], **overrides}
+    # On one device the layout is kept (unused) so that the run's next checkpoints
+    # still carry it to a later resume on a mesh.
+    layout = {n: args.pop(n) for n in ("rules", "param_rules", "data_axes")
+              if n in args and args.get("mesh") is None and n not in overrides}
+    trainer = cls(**args)
+    for name, value in layout.items():
+        setattr(trainer, name, value)
+    model = recipe["model"]
+    trainer._set_model(trainer.custom_step if model is None and trainer.custom_step is not None else model)
+    trainer._user_callbacks = list(recipe.get("callbacks", []))
+    trainer._fit_args = dict(recipe.get("fit", {}))
+    trainer._batch_spec = recipe.get("batch_spec")
+    return trainer

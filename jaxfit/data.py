@@ -492,3 +492,25 @@ def _batch(batch_size: int | None) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
         raise DataError(f"batch_size must be a positive integer, got batch_size = {batch_size!r}")
     return int(batch_size)
+
+
+def split_validation(data: Any, val: Any, split: float | None) -> tuple[Any, Any]:
+    """``(training, validation)`` data: Keras's ``validation_split`` holds out the last
+    ``split`` of the samples, taken before any shuffling."""
+    if split is None:
+        return data, val
+    if isinstance(split, bool) or not isinstance(split, (float, int)) or not 0 < split < 1:
+        raise ConfigError(f"validation_split must be a fraction between 0 and 1, got {split!r}")
+    if val is not None:
+        raise ConfigError("give validation_data= or validation_split=, not both")
+    leaves = jax.tree_util.tree_leaves(data)
+    if not leaves or not all(hasattr(a, "shape") and getattr(a, "ndim", 0) for a in leaves) or isinstance(data, list):
+        raise ConfigError(
+            "validation_split= works on array data ((x, y), a dict of arrays), as in Keras; for an "
+            "iterable of batches pass validation_data= instead"
+        )
+    n = leaves[0].shape[0]
+    cut = int(np.floor(n * (1.0 - split)))
+    if cut in (0, n):
+        raise ConfigError(f"validation_split={split} of {n} samples leaves an empty training or validation set")
+    return (jax.tree_util.tree_map(lambda a: a[:cut], data), jax.tree_util.tree_map(lambda a: a[cut:], data))

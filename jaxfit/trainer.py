@@ -16,7 +16,7 @@ from jaxfit._placement import place_host
 from jaxfit._reduce import resolve
 from jaxfit._tree import same_structure
 from jaxfit.callback import Callback, CallbackList
-from jaxfit.data import Execution, make_source
+from jaxfit.data import Execution, make_source, split_validation
 from jaxfit.engine import Engine, EngineState
 from jaxfit.errors import ConfigError, DataError, MonitorError, ShapeError
 from jaxfit.history import History
@@ -501,7 +501,7 @@ class Trainer:
     def _prepare_and_run(self, args: dict[str, Any], initial_params: Any, given: dict[str, Any]) -> History:
         self.callbacks.call("setup", self)
 
-        data, val_data = _split_validation(args["data"], args.get("validation_data"), args.get("validation_split"))
+        data, val_data = split_validation(args["data"], args.get("validation_data"), args.get("validation_split"))
         train = self._source(data, "training data", batch_size=args.get("batch_size"),
                              shuffle=args["shuffle"], drop_remainder=args["drop_remainder"],
                              steps_per_epoch=args.get("steps_per_epoch"))
@@ -632,20 +632,7 @@ class Trainer:
         ``param_rules`` and ``data_axes`` lay the state out on that mesh, whatever mesh or
         device count saved it; without ``mesh=`` the run resumes on one device.
         """
-        args = {**recipe["trainer"], **overrides}
-        # On one device the layout is kept (unused) so that the run's next checkpoints
-        # still carry it to a later resume on a mesh.
-        layout = {n: args.pop(n) for n in ("rules", "param_rules", "data_axes")
-                  if n in args and args.get("mesh") is None and n not in overrides}
-        trainer = cls(**args)
-        for name, value in layout.items():
-            setattr(trainer, name, value)
-        model = recipe["model"]
-        trainer._set_model(trainer.custom_step if model is None and trainer.custom_step is not None else model)
-        trainer._user_callbacks = list(recipe.get("callbacks", []))
-        trainer._fit_args = dict(recipe.get("fit", {}))
-        trainer._batch_spec = recipe.get("batch_spec")
-        return trainer
+        return _state.from_recipe(cls, recipe, overrides)
 
     def verify_resume(self, model: Any, data: Any, *, stop_at: int | Sequence[int] | None = None,
                       callbacks: Sequence[Callback] = (), **fit_args: Any) -> Any:
@@ -671,28 +658,6 @@ class Trainer:
         from jaxfit.checkpoint import load_trainer
 
         return load_trainer(path, **kwargs)
-
-
-def _split_validation(data: Any, val: Any, split: float | None) -> tuple[Any, Any]:
-    """``(training, validation)`` data: Keras's ``validation_split`` holds out the last
-    ``split`` of the samples, taken before any shuffling."""
-    if split is None:
-        return data, val
-    if isinstance(split, bool) or not isinstance(split, (float, int)) or not 0 < split < 1:
-        raise ConfigError(f"validation_split must be a fraction between 0 and 1, got {split!r}")
-    if val is not None:
-        raise ConfigError("give validation_data= or validation_split=, not both")
-    leaves = jax.tree_util.tree_leaves(data)
-    if not leaves or not all(hasattr(a, "shape") and getattr(a, "ndim", 0) for a in leaves) or isinstance(data, list):
-        raise ConfigError(
-            "validation_split= works on array data ((x, y), a dict of arrays), as in Keras; for an "
-            "iterable of batches pass validation_data= instead"
-        )
-    n = leaves[0].shape[0]
-    cut = int(np.floor(n * (1.0 - split)))
-    if cut in (0, n):
-        raise ConfigError(f"validation_split={split} of {n} samples leaves an empty training or validation set")
-    return (jax.tree_util.tree_map(lambda a: a[:cut], data), jax.tree_util.tree_map(lambda a: a[cut:], data))
 
 
 def _placed_like(value: Any, current: Any, what: str) -> Any:
