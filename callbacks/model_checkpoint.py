@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
@@ -9,9 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxfit import _state
 from jaxfit.callback import Callback
+from jaxfit.checkpoint import _sharded
 from jaxfit.checkpoint._errors import CheckpointError
 from jaxfit.checkpoint._lock import RunLock
 from jaxfit.checkpoint._recipe import DEFAULT_MAX_DATA_BYTES, pack_recipe
@@ -140,6 +145,7 @@ class ModelCheckpoint(Callback):
         self._state_key = f"ModelCheckpoint[{os.fspath(directory)}]"
         self._lock: RunLock | None = None
         self._writer: RunWriter | None = None
+        self._write_shards = False
         self._saved_at: tuple[int, int] | None = None
         self._last_time = 0.0
         self._last_logs: dict[str, Any] = {}
@@ -188,8 +194,22 @@ class ModelCheckpoint(Callback):
             trainer.check_monitor(self.monitor, self)
         self.stats = SaveStats()
         self.skipped_nonfinite = []
+        # A state with a sharded array is written as a sharded checkpoint (each process its
+        # own slices, nothing gathered); a replicated one whole, by process 0.
+        self._write_shards = _sharded.is_sharded(trainer.engine_state)
+        if self._write_shards and jax.process_count() > 1 and self.every_n_seconds is not None:
+            raise ConfigError(
+                "ModelCheckpoint: every_n_seconds cannot time a sharded checkpoint of several "
+                "processes (each process's clock would pick other steps, and every process "
+                "writes its part of each checkpoint); use every_n_steps or every_n_epochs")
         if jax.process_index() != 0:
             self._writer = None
+            if not self._write_shards:
+                return  # replicated state: process 0 writes it whole
+            self._writer = RunWriter(self.directory, keep_last=None, keep_best=None,
+                                     monitor=None, mode=None, background=self.background,
+                                     run_id=trainer.run_id, sharded=True)
+            self._start_writing(trainer)
             return
         if self._lock is None or not self._lock.held:
             self.setup(trainer)  # an engine that does not call setup: claim the directory now
@@ -205,7 +225,7 @@ class ModelCheckpoint(Callback):
             self._writer = RunWriter(self.directory, keep_last=self.keep_last,
                                      keep_best=self.keep_best, monitor=self.monitor,
                                      mode=self._mode, background=self.background,
-                                     run_id=trainer.run_id)
+                                     run_id=trainer.run_id, sharded=self._write_shards)
             self._writer.set_recipe(payload)
         except OSError as err:
             self._writer = None
@@ -214,6 +234,10 @@ class ModelCheckpoint(Callback):
                 "Free space on its file system or pass another directory; nothing was "
                 "trained yet"
             ) from err
+        self._start_writing(trainer)
+
+    def _start_writing(self, trainer: Trainer) -> None:
+        assert self._writer is not None
         self._writer.stats = self.stats
         self._saved_at = self._position(trainer)  # a loaded state is already on disk
         self._last_time = time.monotonic()
@@ -299,13 +323,24 @@ class ModelCheckpoint(Callback):
         # Steps are dispatched ahead of the device: wait for the ones under way first and
         # account for that wait separately (the device was busy with training, not saving).
         start = time.perf_counter()
-        jax.block_until_ready(trainer.engine_state)
+        es = trainer.engine_state
+        jax.block_until_ready(es)
         copied = time.perf_counter()
         self.stats.device_wait.append(copied - start)
-        state = _owned_copy(trainer.state_dict())
+        shards = None
+        if self._write_shards:
+            # Each process copies only its own slices; the finiteness test runs on the
+            # devices (a replicated scalar: every process takes the same decision).
+            state = _owned_copy(_state.meta_dict(trainer))
+            finite = _finite_on_device(es.state, trainer.mesh)
+            if finite:
+                shards = (_sharded.snapshot(es), _sharded.leaf_meta(es))
+        else:
+            state = _owned_copy(trainer.state_dict())
+            finite = _all_finite(state["train_state"]["state"])
         copy_seconds = time.perf_counter() - copied
         step, batch = int(state["step"]), int(state["batch_in_epoch"])
-        if not _all_finite(state["train_state"]["state"]):
+        if not finite:
             # NaN/inf weights never reach a checkpoint, whoever is watching the loss: a
             # resume starts from the last finite state instead.
             self.skipped_nonfinite.append(step)
@@ -317,12 +352,34 @@ class ModelCheckpoint(Callback):
         # Epoch logs describe this state only at an epoch boundary.
         metrics = self._last_logs if batch == 0 else {}
         assert self._writer is not None  # every caller checks it
-        self._writer.save(state, copy_seconds=copy_seconds, step=step, epoch=int(state["epoch"]),
+        self._writer.save(state, copy_seconds=copy_seconds, shards=shards, step=step,
+                          epoch=int(state["epoch"]),
                           run_id=state.get("run_id"),
                           batch_in_epoch=batch, reason=reason, metrics=metrics,
                           monitor=self.monitor, mode=self._mode)
         self._saved_at = (step, batch)
         self._last_time = time.monotonic()
+
+
+def _finite_leaves(tree: Any) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+@functools.lru_cache(maxsize=8)
+def _finite_program(mesh: Any) -> Any:
+    # One jitted program per mesh (compiled once per state structure), kept across saves.
+    out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    return jax.jit(_finite_leaves, out_shardings=out)
+
+
+def _finite_on_device(tree: Any, mesh: Any) -> bool:
+    """Whether every floating-point array of a device tree is finite, reduced on the
+    devices (no array leaves them); on a mesh the flag is a replicated scalar that each
+    process reads from its own device."""
+    flag = _finite_program(mesh)(tree)
+    return bool(np.asarray(flag.addressable_data(0)))
 
 
 def _all_finite(tree: Any) -> bool:
