@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 import warnings
@@ -12,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxfit import _state
 from jaxfit.callback import Callback
@@ -33,12 +31,13 @@ _SIGNAL_STOPS = ("preempted", "interrupted")
 
 
 def _owned_copy(tree: Any) -> Any:
-    """A copy whose arrays own their memory.
+    """A copy whose arrays own their memory (of the small host part of a save: history,
+    callback states, RNG seed data).
 
     On CPU ``jax.device_get`` returns numpy views of the device buffers; while such a view is
-    alive the next donating step cannot reuse the buffer and silently copies the whole state.
-    Copying here (and dropping the views) keeps donation working while the background
-    thread writes.
+    alive the next donating step cannot reuse the buffer and silently copies it. Copying
+    here (and dropping the views) keeps donation working while the background thread
+    writes. (The arrays of the train state are copied on the devices instead.)
     """
     if isinstance(tree, dict):
         return {k: _owned_copy(v) for k, v in tree.items()}
@@ -59,9 +58,13 @@ class ModelCheckpoint(Callback):
     it is in-memory arrays of at most ``max_data_bytes``), so ``Trainer.load(directory).fit()``
     continues the run with nothing else.
 
-    Saving blocks training only to copy the state to host memory; serializing, checksumming,
-    fsyncing and the atomic rename happen in a background thread. A kill at any instant leaves
-    every earlier checkpoint loadable. When fit is stopped by SIGTERM (preemption) or Ctrl-C,
+    Saving blocks training only to dispatch a device-side copy of the arrays (the next
+    donated step cannot clobber it; one program that also tests them for NaN/inf) and to
+    copy the small rest; fetching the copy to the host, serializing, checksumming, fsyncing
+    and the atomic rename happen in a background thread. The devices hold that second copy
+    of the state until its write is done. A state with a sharded array is written as a
+    sharded checkpoint: each process writes its own slices (see docs/scaling.md). A kill at
+    any instant leaves every earlier checkpoint loadable. When fit is stopped by SIGTERM (preemption) or Ctrl-C,
     a checkpoint of the last finished step is written before ``fit`` ends; however ``fit``
     ends, it returns only after every checkpoint is on disk.
 
@@ -279,6 +282,7 @@ class ModelCheckpoint(Callback):
                 self._save(trainer, reason)
             assert self._writer is not None  # on_fit_end finishes only with a writer
             self._writer.wait()
+            self._report_skipped()
         except Exception as err:
             if not failed:
                 raise
@@ -325,69 +329,61 @@ class ModelCheckpoint(Callback):
         start = time.perf_counter()
         es = trainer.engine_state
         jax.block_until_ready(es)
-        copied = time.perf_counter()
-        self.stats.device_wait.append(copied - start)
-        shards = None
-        if self._write_shards:
-            # Each process copies only its own slices; the finiteness test runs on the
-            # devices (a replicated scalar: every process takes the same decision).
-            state = _owned_copy(_state.meta_dict(trainer))
-            finite = _finite_on_device(es.state, trainer.mesh)
-            if finite:
-                shards = (_sharded.snapshot(es), _sharded.leaf_meta(es))
-        else:
-            state = _owned_copy(trainer.state_dict())
-            finite = _all_finite(state["train_state"]["state"])
-        copy_seconds = time.perf_counter() - copied
+        dispatched = time.perf_counter()
+        self.stats.device_wait.append(dispatched - start)
+        # Dispatched, not waited for: one program makes a device-side copy of the arrays
+        # (the next step donates the live ones) and their finiteness flag. The writer thread
+        # waits for it, fetches the copy (whole, or this process's own slices for a sharded
+        # checkpoint) and writes it; here only the small rest is copied.
+        snap, finite = _snapshot_program(es)
+        state = _owned_copy(_state.meta_dict(trainer))
+        copy_seconds = time.perf_counter() - dispatched
         step, batch = int(state["step"]), int(state["batch_in_epoch"])
-        if not finite:
-            # NaN/inf weights never reach a checkpoint, whoever is watching the loss: a
-            # resume starts from the last finite state instead.
-            self.skipped_nonfinite.append(step)
-            warnings.warn(f"ModelCheckpoint: not saving step {step}: the params hold NaN or inf "
-                          "values; the checkpoints on disk keep the last finite state",
-                          RuntimeWarning, stacklevel=2)
-            self._saved_at = (step, batch)
-            return
+        sharded = self._write_shards
+
+        def fetch() -> dict | None:  # on the writer thread
+            # A replicated scalar: every process takes the same decision.
+            if not bool(np.asarray(finite.addressable_data(0))):
+                return None
+            if sharded:
+                return {"records": _sharded.snapshot(snap, copy=False),
+                        "leaves": _sharded.leaf_meta(snap)}
+            whole = dict(state)  # views of the copy's buffers: nothing donates them
+            whole["train_state"] = _state.train_state_dict(snap)
+            return {"state": whole}
+
         # Epoch logs describe this state only at an epoch boundary.
         metrics = self._last_logs if batch == 0 else {}
         assert self._writer is not None  # every caller checks it
-        self._writer.save(state, copy_seconds=copy_seconds, shards=shards, step=step,
-                          epoch=int(state["epoch"]),
-                          run_id=state.get("run_id"),
+        self._writer.save(state, copy_seconds=copy_seconds, fetch=fetch, step=step,
+                          epoch=int(state["epoch"]), run_id=state.get("run_id"),
                           batch_in_epoch=batch, reason=reason, metrics=metrics,
                           monitor=self.monitor, mode=self._mode)
+        self._report_skipped()
         self._saved_at = (step, batch)
         self._last_time = time.monotonic()
 
+    def _report_skipped(self) -> None:
+        # NaN/inf weights never reach a checkpoint, whoever is watching the loss: a resume
+        # starts from the last finite state instead. (Found by the writer: reported at this
+        # save when writing inline, else at the next save or the end of fit.)
+        assert self._writer is not None
+        for step in self._writer.take_skipped():
+            self.skipped_nonfinite.append(step)
+            warnings.warn(f"ModelCheckpoint: not saving step {step}: the params hold NaN or inf "
+                          "values; the checkpoints on disk keep the last finite state",
+                          RuntimeWarning, stacklevel=3)
 
-def _finite_leaves(tree: Any) -> jax.Array:
-    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+
+def _snapshot_leaves(es: Any) -> tuple[Any, jax.Array]:
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(es.state)
              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+    copy = jax.tree_util.tree_map(jnp.copy, es)  # each copy keeps its input's sharding
+    return copy, jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
-@functools.lru_cache(maxsize=8)
-def _finite_program(mesh: Any) -> Any:
-    # One jitted program per mesh (compiled once per state structure), kept across saves.
-    out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    return jax.jit(_finite_leaves, out_shardings=out)
-
-
-def _finite_on_device(tree: Any, mesh: Any) -> bool:
-    """Whether every floating-point array of a device tree is finite, reduced on the
-    devices (no array leaves them); on a mesh the flag is a replicated scalar that each
-    process reads from its own device."""
-    flag = _finite_program(mesh)(tree)
-    return bool(np.asarray(flag.addressable_data(0)))
-
-
-def _all_finite(tree: Any) -> bool:
-    """True when every floating-point leaf of a nested dict of host arrays is finite."""
-    if isinstance(tree, dict):
-        return all(_all_finite(v) for v in tree.values())
-    arr = np.asarray(tree)
-    return not np.issubdtype(arr.dtype, np.inexact) or bool(np.isfinite(arr).all())
+# Compiled once per state layout. The flag is a 0-d array, replicated over any mesh.
+_snapshot_program = jax.jit(_snapshot_leaves)
 
 
 def _check_space(directory: Path, need: int) -> None:

@@ -28,7 +28,7 @@ STATE_FORMAT = 2
 
 def state_dict(trainer: Trainer) -> dict[str, Any]:
     sd = meta_dict(trainer)
-    sd["train_state"] = _snapshot(trainer.engine_state)
+    sd["train_state"] = train_state_dict(trainer.engine_state)
     return sd
 
 
@@ -110,7 +110,8 @@ def recipe(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def _snapshot(es: Any) -> dict:
+def train_state_dict(es: Any) -> dict:
+    """The ``train_state`` entry of a state dict: the arrays of ``es`` on the host."""
     # Every array is fetched whole to the host (device_get assembles a sharded leaf from its
     # shards). With several processes, a leaf split across them is built from this
     # process's shards, which must cover it. (ModelCheckpoint writes a sharded state as a

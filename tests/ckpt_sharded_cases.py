@@ -31,7 +31,7 @@ TP = jax.make_mesh((2, 4), ("data", "model"))
 LAYOUTS = {
     # name: (mesh, trainer layout arguments, model annotation, up/kernel spec, up/kernel shard shape)
     "fsdp": (FSDP, dict(rules=[("embed", "fsdp"), ("mlp", None)], data_axes=("data", "fsdp")), "logical",
-             ["fsdp", None], (2, 16)),
+             ["fsdp"], (2, 16)),
     "tp": (TP, dict(rules=[("embed", None), ("mlp", "model")]), "logical", [None, "model"], (8, 4)),
 }
 X, Y = data(64)
@@ -68,7 +68,7 @@ def test_a_sharded_state_is_written_as_shards_never_gathered(tmp_path, monkeypat
     def gathered(es):
         raise AssertionError("the checkpoint gathered the state to the host")
 
-    monkeypatch.setattr(jaxfit._state, "_snapshot", gathered)  # state_dict()'s whole-array fetch
+    monkeypatch.setattr(jaxfit._state, "train_state_dict", gathered)  # state_dict()'s whole-array fetch
     t = fit(tmp_path / "run", name)
     _, _, _, spec, shard_shape = LAYOUTS[name]
     ckpt = newest(tmp_path / "run")

@@ -85,19 +85,22 @@ def _mesh_meta(sharding: Any) -> dict | None:
 
 def leaf_meta(tree: Any) -> tuple[dict | None, dict[str, dict[str, Any]]]:
     """The mesh of the state (axis names and sizes) and, per leaf path: global shape, dtype
-    and the PartitionSpec it is saved under (``None`` off any mesh). A leaf on another mesh
-    than the first leaf's also records its own ``mesh``."""
+    and the PartitionSpec it is saved under, trailing ``None`` entries dropped (``None`` off
+    any mesh). A leaf on another mesh than the first leaf's also records its own ``mesh``."""
     leaves, first = {}, None
     for path, leaf in _flat(as_data(tree)):
         sharding = getattr(leaf, "sharding", None)
         spec = getattr(sharding, "spec", None)
         mesh = _mesh_meta(sharding)
         first = first or mesh
+        entries = None if spec is None else [list(e) if isinstance(e, (tuple, list)) else e
+                                             for e in spec]
+        while entries and entries[-1] is None:  # P("fsdp", None) is P("fsdp"): one form
+            entries.pop()
         leaves[path] = {
             "global_shape": [int(n) for n in np.shape(leaf)],
             "dtype": np.dtype(leaf.dtype).name,
-            "spec": None if spec is None else [list(e) if isinstance(e, (tuple, list)) else e
-                                               for e in spec],
+            "spec": entries,
             **({"mesh": mesh} if mesh != first else {}),
         }
     return first, leaves

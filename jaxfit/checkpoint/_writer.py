@@ -1,9 +1,10 @@
 """Writing checkpoints into a run directory: atomically, in order, off the training thread.
 
 :class:`RunWriter` owns one run directory for one fit. ``save`` takes a state that is already
-a host copy (numpy arrays that own their memory), so the training thread can go on while a
-single background thread serializes, hashes, fsyncs, renames, moves the ``latest`` pointer
-and applies retention. Writes happen one at a time, in the order they were asked for; an
+a host copy (numpy arrays that own their memory), or a ``fetch`` that gives the arrays from a
+device-side snapshot, so the training thread can go on while a single background thread
+fetches, serializes, hashes, fsyncs, renames, moves the ``latest`` pointer and applies
+retention. Writes happen one at a time, in the order they were asked for; an
 error in the background is raised by the next ``save`` or by ``wait``.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +30,15 @@ class SaveStats:
     """Timings of every save of a fit, in seconds, oldest first.
 
     Attributes:
-      blocking: how long the training thread waited for each save (the host copy plus any
-        wait for the previous write to finish).
-      write: how long serializing and writing each checkpoint took (in the background when
-        asynchronous).
-      nbytes: size of each state file.
-      copy: the part of ``blocking`` spent copying the state to host memory (the rest is
-        waiting for the previous write, and the write itself when not in the background).
+      blocking: how long the training thread waited for each save (dispatching the
+        snapshot and copying the small host state, plus any wait for the previous write to
+        finish).
+      write: how long fetching, serializing and writing each checkpoint took (in the
+        background when asynchronous).
+      nbytes: size of each checkpoint's files (the manifest aside).
+      copy: the part of ``blocking`` spent on the snapshot: dispatching the device-side copy
+        and copying the small host state (the rest is waiting for the previous write, and
+        the write itself when not in the background).
       device_wait: before each save, how long the steps already dispatched took to finish
         (the state must be computed before it can be copied; not counted in ``blocking``).
     """
@@ -252,29 +256,39 @@ class RunWriter:
             self._next_seq = 1 + max((p[0] for p in existing if p), default=0)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._skipped: list[int] = []
 
     def set_recipe(self, payload: bytes) -> None:
         """Stores the packed recipe of this fit; later checkpoints refer to it."""
         self.recipe_ref = write_recipe(self.run_dir, payload)
 
     def save(self, state: dict, *, copy_seconds: float = 0.0,
-             shards: tuple[list, tuple[dict | None, dict]] | None = None, **meta: Any) -> None:
+             shards: tuple[list, tuple[dict | None, dict]] | None = None,
+             fetch: Callable[[], dict | None] | None = None, **meta: Any) -> None:
         """Queues (or performs) the write of ``state`` with manifest fields ``meta``.
 
         ``state`` must already be a host copy that nothing else will modify; ``copy_seconds``
         is how long making that copy took, counted into the blocking time. A sharded writer
         takes ``shards``: this process's records (``_sharded.snapshot``) and the mesh and
         leaves' metadata (``_sharded.leaf_meta``); ``state`` then holds all but the arrays.
+
+        Or ``fetch``, called first on the writer thread, gives the arrays: it returns the
+        job's missing entries (``{"state": ...}``, or ``{"records": ..., "leaves": ...}``
+        for a sharded writer), or ``None`` for a save not to write (its step is then in
+        :meth:`take_skipped`).
         """
         start = time.perf_counter()
         self.wait()  # one write at a time; also re-raises a failed previous write
-        if self.sharded != (shards is not None):
+        if fetch is None and self.sharded != (shards is not None):
             raise ValueError(f"a {'sharded' if self.sharded else 'whole'} RunWriter was given "
                              f"{'no ' if shards is None else ''}shard records")
         seq, self._next_seq = self._next_seq, self._next_seq + 1
-        job = dict(state=state, seq=seq, recipe=self.recipe_ref, **meta)
+        job = dict(state=state, seq=seq, recipe=self.recipe_ref, fetch=fetch, **meta)
         if shards is not None:
-            job.update(records=shards[0], leaves=shards[1], peers=self.peers, save=self._saves)
+            job.update(records=shards[0], leaves=shards[1])
+        if self.sharded:
+            job.update(peers=self.peers, save=self._saves)
             self._saves += 1  # the same count on every process: it names the save for the peers
         if self.background:
             self._thread = threading.Thread(target=self._run, args=(job,),
@@ -286,10 +300,24 @@ class RunWriter:
         self.stats.blocking.append(copy_seconds + time.perf_counter() - start)
         self.stats.copy.append(copy_seconds)
 
+    def take_skipped(self) -> list[int]:
+        """The steps of the saves whose ``fetch`` declined to write, since the last call."""
+        with self._lock:
+            out, self._skipped = self._skipped, []
+        return out
+
     def _run(self, job: dict) -> None:
         began = time.perf_counter()
         try:
-            if "records" in job:
+            fetch = job.pop("fetch")
+            if fetch is not None:
+                got = fetch()
+                if got is None:
+                    with self._lock:
+                        self._skipped.append(job["step"])
+                    return
+                job.update(got)
+            if self.sharded:
                 path = write_sharded_checkpoint(self.run_dir, **job)
             else:
                 path = write_checkpoint(self.run_dir, **job)
