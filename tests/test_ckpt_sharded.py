@@ -38,3 +38,13 @@ def test_a_manifest_of_an_unknown_version_or_a_bad_sharded_section_is_refused(tm
     (path / "manifest.json").write_text(json.dumps({**manifest, **change}))
     with pytest.raises(CheckpointCorruptError, match=message):
         read_checkpoint(path)
+
+
+def test_a_manifest_too_large_to_read_back_is_never_published(tmp_path, monkeypatch):
+    from jaxfit.checkpoint import CheckpointError, _manifest, list_checkpoints, write_checkpoint
+
+    monkeypatch.setattr(_manifest, "MAX_MANIFEST_BYTES", 200)
+    with pytest.raises(CheckpointError, match=r"manifest of ckpt-000001-step5 would be \d+ bytes, more than the 200"):
+        write_checkpoint(tmp_path, {"train_state": {}}, seq=1, step=5, epoch=1, batch_in_epoch=0, reason="epoch",
+                         metrics={})
+    assert list_checkpoints(tmp_path) == [] and list(tmp_path.iterdir()) == []

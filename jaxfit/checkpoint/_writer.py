@@ -80,6 +80,11 @@ def _commit(tmp: Path, final: Path, files: dict[str, dict], **fields: Any) -> No
     """Writes the manifest of the files in ``tmp``, renames it to ``final`` and moves
     ``latest`` to it: the instant the checkpoint becomes visible."""
     payload = _manifest.manifest_bytes(_manifest.build_manifest(files=files, **fields))
+    if len(payload) > _manifest.MAX_MANIFEST_BYTES:  # readers refuse it: never publish it
+        raise CheckpointError(
+            f"the manifest of {final.name} would be {len(payload)} bytes, more than the "
+            f"{_manifest.MAX_MANIFEST_BYTES} a reader accepts (a sharded state of very many "
+            "leaves); the checkpoint was not written")
     _io.write_file(tmp / _manifest.MANIFEST_FILE, lambda f: f.write(payload))
     _io.publish_dir(tmp, final)
     _io.replace_file(final.parent / _manifest.LATEST_FILE, (final.name + "\n").encode())
