@@ -82,6 +82,7 @@ def die_after_writing_part(at):
 
 def dump(trainer):
     params = multihost_utils.process_allgather(trainer.params, tiled=True)
+    Path(f"{OUT}.run_id{PID}").write_text(trainer.run_id)
     if PID == 0:
         with open(OUT, "w") as f:
             json.dump({"history": trainer.history.history, "step": trainer.step,

@@ -115,6 +115,8 @@ def test_two_process_fsdp_run_split_across_processes_sigkilled_mid_run_resumes_b
     full = tmp_path / "full.json"
     for code, err in _two("full", tmp_path / "full-run", full):
         assert code == 0, err[-3000:]
+    # One run: process 0's run id on both (each checks the run directory by it).
+    assert (tmp_path / "full.json.run_id0").read_text() == (tmp_path / "full.json.run_id1").read_text()
     run, out = tmp_path / "run", tmp_path / "resumed.json"
     for code, err in _two("kill", run, out, MH_KILL="1"):
         assert code == -signal.SIGKILL, err[-3000:]
