@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxfit import _state
 from jaxfit.callback import Callback
+from jaxfit.checkpoint import _sharded
 from jaxfit.checkpoint._errors import CheckpointError
 from jaxfit.checkpoint._lock import RunLock
 from jaxfit.checkpoint._recipe import DEFAULT_MAX_DATA_BYTES, pack_recipe
@@ -28,12 +31,13 @@ _SIGNAL_STOPS = ("preempted", "interrupted")
 
 
 def _owned_copy(tree: Any) -> Any:
-    """A copy whose arrays own their memory.
+    """A copy whose arrays own their memory (of the small host part of a save: history,
+    callback states, RNG seed data).
 
     On CPU ``jax.device_get`` returns numpy views of the device buffers; while such a view is
-    alive the next donating step cannot reuse the buffer and silently copies the whole state.
-    Copying here (and dropping the views) keeps donation working while the background
-    thread writes.
+    alive the next donating step cannot reuse the buffer and silently copies it. Copying
+    here (and dropping the views) keeps donation working while the background thread
+    writes. (The arrays of the train state are copied on the devices instead.)
     """
     if isinstance(tree, dict):
         return {k: _owned_copy(v) for k, v in tree.items()}
@@ -54,9 +58,13 @@ class ModelCheckpoint(Callback):
     it is in-memory arrays of at most ``max_data_bytes``), so ``Trainer.load(directory).fit()``
     continues the run with nothing else.
 
-    Saving blocks training only to copy the state to host memory; serializing, checksumming,
-    fsyncing and the atomic rename happen in a background thread. A kill at any instant leaves
-    every earlier checkpoint loadable. When fit is stopped by SIGTERM (preemption) or Ctrl-C,
+    Saving blocks training only to dispatch a device-side copy of the arrays (the next
+    donated step cannot clobber it; one program that also tests them for NaN/inf) and to
+    copy the small rest; fetching the copy to the host, serializing, checksumming, fsyncing
+    and the atomic rename happen in a background thread. The devices hold that second copy
+    of the state until its write is done. A state with a sharded array is written as a
+    sharded checkpoint: each process writes its own slices (see docs/scaling.md). A kill at
+    any instant leaves every earlier checkpoint loadable. When fit is stopped by SIGTERM (preemption) or Ctrl-C,
     a checkpoint of the last finished step is written before ``fit`` ends; however ``fit``
     ends, it returns only after every checkpoint is on disk.
 
@@ -149,6 +157,7 @@ class ModelCheckpoint(Callback):
         self._state_key = f"ModelCheckpoint[{os.fspath(directory)}]"
         self._lock: RunLock | None = None
         self._writer: RunWriter | None = None
+        self._write_shards = False
         self._saved_at: tuple[int, int] | None = None
         self._last_time = 0.0
         self._last_logs: dict[str, Any] = {}
@@ -200,8 +209,22 @@ class ModelCheckpoint(Callback):
         self._epoch_validated = False
         self.stats = SaveStats()
         self.skipped_nonfinite = []
+        # A state with a sharded array is written as a sharded checkpoint (each process its
+        # own slices, nothing gathered); a replicated one whole, by process 0.
+        self._write_shards = _sharded.is_sharded(trainer.engine_state)
+        if self._write_shards and jax.process_count() > 1 and self.every_n_seconds is not None:
+            raise ConfigError(
+                "ModelCheckpoint: every_n_seconds cannot time a sharded checkpoint of several "
+                "processes (each process's clock would pick other steps, and every process "
+                "writes its part of each checkpoint); use every_n_steps or every_n_epochs")
         if jax.process_index() != 0:
             self._writer = None
+            if not self._write_shards:
+                return  # replicated state: process 0 writes it whole
+            self._writer = RunWriter(self.directory, keep_last=None, keep_best=None,
+                                     monitor=None, mode=None, background=self.background,
+                                     run_id=trainer.run_id, sharded=True)
+            self._start_writing(trainer)
             return
         if self._lock is None or not self._lock.held:
             self.setup(trainer)  # an engine that does not call setup: claim the directory now
@@ -217,7 +240,7 @@ class ModelCheckpoint(Callback):
             self._writer = RunWriter(self.directory, keep_last=self.keep_last,
                                      keep_best=self.keep_best, monitor=self.monitor,
                                      mode=self._mode, background=self.background,
-                                     run_id=trainer.run_id)
+                                     run_id=trainer.run_id, sharded=self._write_shards)
             self._writer.set_recipe(payload)
         except OSError as err:
             self._writer = None
@@ -226,6 +249,10 @@ class ModelCheckpoint(Callback):
                 "Free space on its file system or pass another directory; nothing was "
                 "trained yet"
             ) from err
+        self._start_writing(trainer)
+
+    def _start_writing(self, trainer: Trainer) -> None:
+        assert self._writer is not None
         self._writer.stats = self.stats
         self._saved_at = self._position(trainer)  # a loaded state is already on disk
         self._last_time = time.monotonic()
@@ -280,6 +307,7 @@ class ModelCheckpoint(Callback):
                 self._save(trainer, reason)
             assert self._writer is not None  # on_fit_end finishes only with a writer
             self._writer.wait()
+            self._report_skipped()
         except Exception as err:
             if not failed:
                 raise
@@ -324,40 +352,65 @@ class ModelCheckpoint(Callback):
         # Steps are dispatched ahead of the device: wait for the ones under way first and
         # account for that wait separately (the device was busy with training, not saving).
         start = time.perf_counter()
-        jax.block_until_ready(trainer.engine_state)
-        copied = time.perf_counter()
-        self.stats.device_wait.append(copied - start)
-        state = _owned_copy(trainer.state_dict())
-        copy_seconds = time.perf_counter() - copied
+        es = trainer.engine_state
+        jax.block_until_ready(es)
+        dispatched = time.perf_counter()
+        self.stats.device_wait.append(dispatched - start)
+        # Dispatched, not waited for: one program makes a device-side copy of the arrays
+        # (the next step donates the live ones) and their finiteness flag. The writer thread
+        # waits for it, fetches the copy (whole, or this process's own slices for a sharded
+        # checkpoint) and writes it; here only the small rest is copied.
+        snap, finite = _snapshot_program(es)
+        state = _owned_copy(_state.meta_dict(trainer))
+        copy_seconds = time.perf_counter() - dispatched
         step, batch = int(state["step"]), int(state["batch_in_epoch"])
-        if not _all_finite(state["train_state"]["state"]):
-            # NaN/inf weights never reach a checkpoint, whoever is watching the loss: a
-            # resume starts from the last finite state instead.
-            self.skipped_nonfinite.append(step)
-            warnings.warn(f"ModelCheckpoint: not saving step {step}: the params hold NaN or inf "
-                          "values; the checkpoints on disk keep the last finite state",
-                          RuntimeWarning, stacklevel=2)
-            self._saved_at = (step, batch)
-            return
+        sharded = self._write_shards
+
+        def fetch() -> dict | None:  # on the writer thread
+            # A replicated scalar: every process takes the same decision.
+            if not bool(np.asarray(finite.addressable_data(0))):
+                return None
+            if sharded:
+                return {"records": _sharded.snapshot(snap, copy=False),
+                        "leaves": _sharded.leaf_meta(snap)}
+            whole = dict(state)  # views of the copy's buffers: nothing donates them
+            whole["train_state"] = _state.train_state_dict(snap)
+            return {"state": whole}
+
         # Epoch logs describe this state only at an epoch boundary (a validation's logs at
         # its step, given by the caller).
         if metrics is None:
             metrics = self._last_logs if batch == 0 else {}
         assert self._writer is not None  # every caller checks it
-        self._writer.save(state, copy_seconds=copy_seconds, step=step, epoch=int(state["epoch"]),
-                          run_id=state.get("run_id"),
+        self._writer.save(state, copy_seconds=copy_seconds, fetch=fetch, step=step,
+                          epoch=int(state["epoch"]), run_id=state.get("run_id"),
                           batch_in_epoch=batch, reason=reason, metrics=metrics,
                           monitor=self.monitor, mode=self._mode)
+        self._report_skipped()
         self._saved_at = (step, batch)
         self._last_time = time.monotonic()
 
+    def _report_skipped(self) -> None:
+        # NaN/inf weights never reach a checkpoint, whoever is watching the loss: a resume
+        # starts from the last finite state instead. (Found by the writer: reported at this
+        # save when writing inline, else at the next save or the end of fit.)
+        assert self._writer is not None
+        for step in self._writer.take_skipped():
+            self.skipped_nonfinite.append(step)
+            warnings.warn(f"ModelCheckpoint: not saving step {step}: the params hold NaN or inf "
+                          "values; the checkpoints on disk keep the last finite state",
+                          RuntimeWarning, stacklevel=3)
 
-def _all_finite(tree: Any) -> bool:
-    """True when every floating-point leaf of a nested dict of host arrays is finite."""
-    if isinstance(tree, dict):
-        return all(_all_finite(v) for v in tree.values())
-    arr = np.asarray(tree)
-    return not np.issubdtype(arr.dtype, np.inexact) or bool(np.isfinite(arr).all())
+
+def _snapshot_leaves(es: Any) -> tuple[Any, jax.Array]:
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(es.state)
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    copy = jax.tree_util.tree_map(jnp.copy, es)  # each copy keeps its input's sharding
+    return copy, jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+# Compiled once per state layout. The flag is a 0-d array, replicated over any mesh.
+_snapshot_program = jax.jit(_snapshot_leaves)
 
 
 def _check_space(directory: Path, need: int) -> None:

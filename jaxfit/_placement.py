@@ -117,8 +117,9 @@ def local_snapshot(tree: Any) -> Any:
     this process's own shards, which must cover it (FSDP within each host, replicated across
     hosts); jax cannot fetch such an array with ``device_get``. Other leaves are unchanged.
 
-    Raises ConfigError naming the leaf when this process does not hold all of it: that
-    needs the sharded checkpoint format, which jaxfit does not write yet.
+    Raises ConfigError naming the leaf when this process does not hold all of it (only a
+    gather across processes could build it; ModelCheckpoint writes such a state as a sharded
+    checkpoint instead, each process its own slices).
     """
     from jaxfit.sharding import path_str
 
@@ -135,10 +136,10 @@ def local_snapshot(tree: Any) -> Any:
             raise ConfigError(
                 f"state leaf {path_str(path)!r} ({sharding.spec} on mesh "
                 f"{dict(sharding.mesh.shape)}) is split across processes: this process "
-                f"holds {int(covered.sum())} of its {covered.size} elements. A checkpoint of it "
-                "needs the sharded checkpoint format, which jaxfit does not write yet; lay the "
-                "mesh out so that each process holds a whole copy (shard over axes within one "
-                "host, e.g. 'fsdp', and across hosts only over a data axis)")
+                f"holds {int(covered.sum())} of its {covered.size} elements, and state_dict() "
+                "returns whole host arrays. Checkpoint it with ModelCheckpoint (a sharded "
+                "checkpoint: each process writes its own slices), or fetch it with "
+                "jax.experimental.multihost_utils.process_allgather on every process")
         return out
 
     return jax.tree_util.tree_map_with_path(fetch, tree)

@@ -64,13 +64,14 @@ def _index(idx: tuple[slice, ...], shape: tuple[int, ...]) -> Index:
     return tuple((s.indices(n)[0], s.indices(n)[1]) for s, n in zip(idx, shape))
 
 
-def local_shards(tree: Any) -> list[ShardRecord]:
+def local_shards(tree: Any, *, copy: bool = True) -> list[ShardRecord]:
     """This process's shards of every array in ``tree``, each distinct slice once.
 
     Only shards with ``replica_id == 0`` are listed, so over all processes every slice of a
     leaf appears exactly once (a replicated leaf: once, on the process of its first device).
     The data is copied to host memory (on CPU a plain view would alias the device buffer,
-    which the next donated step overwrites).
+    which the next donated step overwrites); ``copy=False`` keeps such views, for a tree
+    that no step donates (a device-side copy made for a checkpoint).
     """
     from .sharding import path_str, unbox
 
@@ -85,25 +86,99 @@ def local_shards(tree: Any) -> list[ShardRecord]:
                 continue
             records.append(ShardRecord(
                 path_str(path), _index(shard.index, leaf.shape), tuple(leaf.shape),
-                np.dtype(leaf.dtype).name, spec, np.array(shard.data, copy=True)))
+                np.dtype(leaf.dtype).name, spec,
+                np.array(shard.data, copy=True) if copy else np.asarray(shard.data)))
     return records
+
+
+def shard_payload(records: Sequence[ShardRecord]) -> dict[str, Any]:
+    """The msgpack-ready tree of ``records``: ``{"shards": [meta + data, ...]}`` (what a
+    shard file holds)."""
+    return {"shards": [{**r.meta(), "data": r.data} for r in records]}
 
 
 def pack_shards(records: Sequence[ShardRecord]) -> bytes:
     """msgpack bytes of ``records`` (one process's shard file)."""
-    return serialization.msgpack_serialize({"shards": [
-        {**r.meta(), "data": r.data} for r in records]})
+    return serialization.msgpack_serialize(shard_payload(records))
+
+
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in value):
+        raise ShapeError(f"{what} is {value!r}, expected a list of non-negative ints")
+    return tuple(int(n) for n in value)
+
+
+def records_from_payload(tree: Any, source: str = "shard file") -> list[ShardRecord]:
+    """The records of a decoded shard file (``shard_payload``'s form), each field checked.
+
+    Raises ShapeError naming ``source`` and the record that is malformed: a wrong type, an
+    index outside the global shape, or data whose shape or dtype is not the index's.
+    """
+    shards = tree.get("shards") if isinstance(tree, dict) else None
+    if not isinstance(shards, list):
+        raise ShapeError(f"{source}: expected a map with a 'shards' list")
+    out = []
+    for i, d in enumerate(shards):
+        at = f"{source}: shard record {i}"
+        if not isinstance(d, dict) or not isinstance(d.get("path"), str) \
+                or not isinstance(d.get("dtype"), str) or not isinstance(d.get("spec"), list) \
+                or not isinstance(d.get("index"), list) \
+                or not isinstance(d.get("data"), (np.ndarray, np.generic)):
+            raise ShapeError(f"{at} lacks a path, index, dtype, spec or data of the right type")
+        shape = _ints(d.get("global_shape"), f"{at}: global_shape")
+        pairs = [_ints(pair, f"{at}: index") for pair in d["index"]]
+        if len(pairs) != len(shape) or any(len(p) != 2 or not p[0] <= p[1] <= n
+                                           for p, n in zip(pairs, shape)):
+            raise ShapeError(f"{at} ({d['path']!r}): index {d['index']} does not fit the global "
+                             f"shape {shape}")
+        index: Index = tuple((p[0], p[1]) for p in pairs)
+        data = np.asarray(d["data"])
+        if data.shape != tuple(b - a for a, b in index) or np.dtype(data.dtype).name != d["dtype"]:
+            raise ShapeError(f"{at} ({d['path']!r}): data of shape {data.shape} {data.dtype}, "
+                             f"the index and dtype say {tuple(b - a for a, b in index)} {d['dtype']}")
+        out.append(ShardRecord(d["path"], index, shape, d["dtype"],
+                               tuple(tuple(e) if isinstance(e, list) else e for e in d["spec"]),
+                               data))
+    return out
 
 
 def unpack_shards(blob: bytes) -> list[ShardRecord]:
     """The records of one ``pack_shards`` blob."""
-    out = []
-    for d in serialization.msgpack_restore(blob)["shards"]:
-        out.append(ShardRecord(
-            d["path"], tuple((int(a), int(b)) for a, b in d["index"]),
-            tuple(int(n) for n in d["global_shape"]), str(d["dtype"]),
-            tuple(tuple(e) if isinstance(e, list) else e for e in d["spec"]),
-            np.asarray(d["data"])))
+    return records_from_payload(serialization.msgpack_restore(blob), "pack_shards blob")
+
+
+def _check_agree(records: Sequence[ShardRecord]) -> list[ShardRecord]:
+    """``records`` of one leaf without duplicate slices, after checking they agree."""
+    if not records:
+        raise ShapeError("no shard records to assemble")
+    first = records[0]
+    for r in records:
+        if (r.global_shape, r.dtype, r.path) != (first.global_shape, first.dtype, first.path):
+            raise ShapeError(f"shard records disagree: {r.path!r} {r.global_shape} {r.dtype} vs "
+                             f"{first.path!r} {first.global_shape} {first.dtype}")
+    # Replicas saved twice (e.g. files of two save layouts) would count twice below.
+    return list({r.index: r for r in records}.values())
+
+
+def _fill(unique: Sequence[ShardRecord], want: Index) -> np.ndarray:
+    """The slice ``want`` of a leaf, cut from the records overlapping it."""
+    first = unique[0]
+    out = np.empty([b - a for a, b in want], np.dtype(first.data.dtype))
+    covered = 0
+    for r in unique:
+        lo = [max(a, c) for (a, _), (c, _) in zip(want, r.index)]
+        hi = [min(b, d) for (_, b), (_, d) in zip(want, r.index)]
+        if any(h <= low for low, h in zip(lo, hi)):
+            continue
+        dst = tuple(slice(low - a, h - a) for low, h, (a, _) in zip(lo, hi, want))
+        src = tuple(slice(low - c, h - c) for low, h, (c, _) in zip(lo, hi, r.index))
+        out[dst] = r.data[src]
+        covered += math.prod(h - low for low, h in zip(lo, hi))
+    if covered != out.size:
+        raise ShapeError(f"leaf {first.path!r} of shape {first.global_shape}: the shard records "
+                         f"cover {covered} of the {out.size} elements of slice {want}; a shard "
+                         f"file is missing or the records overlap")
     return out
 
 
@@ -114,37 +189,32 @@ def assemble(records: Sequence[ShardRecord], sharding: jax.sharding.Sharding) ->
     mesh and process count may differ from the ones that saved. Raises ShapeError when the
     records disagree on the shape or dtype, or leave part of a device's slice uncovered.
     """
-    if not records:
-        raise ShapeError("no shard records to assemble")
-    first = records[0]
-    for r in records:
-        if (r.global_shape, r.dtype, r.path) != (first.global_shape, first.dtype, first.path):
-            raise ShapeError(f"shard records disagree: {r.path!r} {r.global_shape} {r.dtype} vs "
-                             f"{first.path!r} {first.global_shape} {first.dtype}")
-    # Replicas saved twice (e.g. files of two save layouts) would count twice below.
-    unique = list({r.index: r for r in records}.values())
-    shape, dtype = first.global_shape, np.dtype(first.dtype)
-
+    unique = _check_agree(records)
+    shape = unique[0].global_shape
     def fill(idx: Any) -> np.ndarray:  # a tuple of slices, one per dim
-        want = _index(idx, shape)
-        out = np.empty([b - a for a, b in want], dtype)
-        covered = 0
-        for r in unique:
-            lo = [max(a, c) for (a, _), (c, _) in zip(want, r.index)]
-            hi = [min(b, d) for (_, b), (_, d) in zip(want, r.index)]
-            if any(h <= low for low, h in zip(lo, hi)):
-                continue
-            dst = tuple(slice(low - a, h - a) for low, h, (a, _) in zip(lo, hi, want))
-            src = tuple(slice(low - c, h - c) for low, h, (c, _) in zip(lo, hi, r.index))
-            out[dst] = r.data[src]
-            covered += math.prod(h - low for low, h in zip(lo, hi))
-        if covered != out.size:
-            raise ShapeError(f"leaf {first.path!r} of shape {shape}: the shard records cover "
-                             f"{covered} of the {out.size} elements of slice {want}; a shard "
-                             f"file is missing or the records overlap")
-        return out
+        return _fill(unique, _index(idx, shape))
 
     return jax.make_array_from_callback(shape, sharding, fill)
+
+
+def assemble_host(records: Sequence[ShardRecord]) -> np.ndarray:
+    """The whole leaf that ``records`` describe, as one host array (for a one-device target)."""
+    unique = _check_agree(records)
+    return _fill(unique, tuple((0, n) for n in unique[0].global_shape))
+
+
+def group_records(records: Sequence[ShardRecord], paths: Sequence[str]) -> list[list[ShardRecord]]:
+    """The records of each leaf path in ``paths``, in order. Raises ShapeError naming the
+    leaves the records miss and the records no leaf takes."""
+    by_path: dict[str, list[ShardRecord]] = {}
+    for r in records:
+        by_path.setdefault(r.path, []).append(r)
+    missing = [p for p in paths if p not in by_path]
+    extra = sorted(set(by_path) - set(paths))
+    if missing or extra:
+        raise ShapeError(f"shard records do not match the target state: missing {missing}, "
+                         f"unexpected {extra}; load with the state layout they were saved from")
+    return [by_path[p] for p in paths]
 
 
 def assemble_tree(records: Sequence[ShardRecord], shardings: Any) -> Any:
@@ -153,15 +223,7 @@ def assemble_tree(records: Sequence[ShardRecord], shardings: Any) -> Any:
     the leaves the records miss and the records no leaf takes."""
     from .sharding import path_str
 
-    by_path: dict[str, list[ShardRecord]] = {}
-    for r in records:
-        by_path.setdefault(r.path, []).append(r)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shardings)
-    paths = [path_str(p) for p, _ in flat]
-    missing = [p for p in paths if p not in by_path]
-    extra = sorted(set(by_path) - set(paths))
-    if missing or extra:
-        raise ShapeError(f"shard records do not match the target state: missing {missing}, "
-                         f"unexpected {extra}; load with the state layout they were saved from")
+    groups = group_records(records, [path_str(p) for p, _ in flat])
     return jax.tree_util.tree_unflatten(
-        treedef, [assemble(by_path[p], s) for p, (_, s) in zip(paths, flat)])
+        treedef, [assemble(g, s) for g, (_, s) in zip(groups, flat)])

@@ -17,6 +17,7 @@ import numpy as np
 from jaxfit import _tree
 from jaxfit._placement import local_snapshot
 from jaxfit.callback import CallbackList
+from jaxfit.checkpoint._sharded import ShardedState
 from jaxfit.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,9 +27,17 @@ STATE_FORMAT = 2
 
 
 def state_dict(trainer: Trainer) -> dict[str, Any]:
+    sd = meta_dict(trainer)
+    sd["train_state"] = train_state_dict(trainer.engine_state)
+    return sd
+
+
+def meta_dict(trainer: Trainer) -> dict[str, Any]:
+    """Everything of ``state_dict`` but the arrays of the train state (``train_state`` is
+    empty): what a sharded checkpoint stores beside its part files."""
     return {
         "format": STATE_FORMAT,
-        "train_state": _snapshot(trainer.engine_state),
+        "train_state": {},
         "step": trainer._step,
         "epoch": trainer._epochs_completed,
         "batch_in_epoch": trainer.batch_in_epoch,
@@ -67,10 +76,17 @@ def load_state_dict(trainer: Trainer, sd: dict[str, Any]) -> None:
                                                       batch_size=trainer._fit_args.get("batch_size")).example())
     assert trainer._engine is not None
     template = trainer._engine.init_state(trainer._model, spec, abstract=True, plan=trainer._plan)
-    restored = _tree.from_dict(template, sd["train_state"], "train_state")
-    # Fresh device buffers, so the first resumed step can donate them; on a mesh each device
-    # gets its slices of the saved (global) arrays, whatever mesh saved them.
-    trainer._es = trainer._place_host_state(restored)
+    saved = sd["train_state"]
+    if isinstance(saved, ShardedState):
+        # Each leaf assembled from the saved slices: on a mesh straight onto its devices,
+        # each device from the slices overlapping its own; without one, whole on the host.
+        restored = saved.restore(template, trainer._engine.shardings if trainer._plan else None)
+        trainer._es = restored if trainer._plan else trainer._place_host_state(restored)
+    else:
+        restored = _tree.from_dict(template, saved, "train_state")
+        # Fresh device buffers, so the first resumed step can donate them; on a mesh each
+        # device gets its slices of the saved (global) arrays, whatever mesh saved them.
+        trainer._es = trainer._place_host_state(restored)
     trainer._batch_spec = spec
     trainer._masks.clear()
     trainer._step, trainer._epochs_completed = int(sd["step"]), int(sd["epoch"])
@@ -98,10 +114,12 @@ def recipe(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def _snapshot(es: Any) -> dict:
+def train_state_dict(es: Any) -> dict:
+    """The ``train_state`` entry of a state dict: the arrays of ``es`` on the host."""
     # Every array is fetched whole to the host (device_get assembles a sharded leaf from its
     # shards). With several processes, a leaf split across them is built from this
-    # process's shards, which must cover it.
+    # process's shards, which must cover it. (ModelCheckpoint writes a sharded state as a
+    # sharded checkpoint instead, which gathers nothing.)
     return _tree.to_dict(local_snapshot(es) if jax.process_count() > 1 else es)
 
 

@@ -486,7 +486,7 @@ class Trainer:
                               "(fit(model, data) with a new model starts anew)")
 
         self.resuming = self._es is not None
-        self.run_id = self.run_id or uuid.uuid4().hex
+        self.run_id = self.run_id or _new_run_id()
         self.callbacks = CallbackList([*loop.progress_callbacks(self._user_callbacks, args["verbose"]),
                                        self.history])
         self.stop_training, self.stop_reason, self._signal = False, None, None
@@ -658,6 +658,18 @@ class Trainer:
         from jaxfit.checkpoint import load_trainer
 
         return load_trainer(path, **kwargs)
+
+
+def _new_run_id() -> str:
+    """A fresh run id. With several processes, process 0's for all: they train one run, whose
+    checkpoints (written by all of them) name it, and each checks the run directory by it."""
+    run_id = uuid.uuid4().hex
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        mine = np.frombuffer(bytes.fromhex(run_id), np.uint8)
+        run_id = bytes(np.asarray(multihost_utils.broadcast_one_to_all(mine), np.uint8)).hex()
+    return run_id
 
 
 def _placed_like(value: Any, current: Any, what: str) -> Any:

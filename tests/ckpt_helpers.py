@@ -45,3 +45,19 @@ def run_fixtures(epochs):
         return copy_run(base_run[0], tmp_path)
 
     return base_run, run
+
+
+def run_cases_on_8_devices(cases: str, timeout: int = 1500) -> None:
+    """Runs the pytest file ``tests/<cases>`` in its own interpreter with 8 fake CPU devices
+    (the device count is fixed when jax starts its backend) and asserts it passed."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           os.path.join("tests", cases)],
+                          check=False, capture_output=True, text=True, cwd=root, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -1,13 +1,16 @@
-"""Subprocess side of the two-process FSDP kill-and-resume test (test_trainer_multihost.py).
+"""Subprocess side of the two-process FSDP kill-and-resume tests (test_trainer_multihost.py).
 
 Usage: python tests/multihost_kill_worker.py MODE PROCESS_ID PORT RUN_DIR OUT
-  full    train 3 epochs with checkpoints every 3 steps; process 0 dumps params and history to OUT
-  kill    the same, and with MH_KILL=1 both processes SIGKILL themselves after step 7 (not a
-          checkpoint step: the run dies mid-epoch with the step-6 checkpoint newest)
-  resume  Trainer.load(RUN_DIR, mesh=...).fit() on both processes; process 0 dumps to OUT
+  full     train 3 epochs with checkpoints every 3 steps; process 0 dumps params and history to OUT
+  kill     the same, and with MH_KILL=1 both processes SIGKILL themselves after step 7 (not a
+           checkpoint step: the run dies mid-epoch with the step-6 checkpoint newest)
+  killone  the same run; process 1 SIGKILLs itself while the step-6 checkpoint is written,
+           after its part file is on disk and before it reports it (process 0 is left waiting)
+  resume   Trainer.load(RUN_DIR, mesh=...).fit() on both processes; process 0 dumps to OUT
 
-The mesh is (2, 4) ("data", "fsdp") over both processes' 4 CPU devices each, one row per
-process: FSDP inside each host, data-parallel across the two.
+The mesh is (8,) ("fsdp",) over both processes' 4 CPU devices each: every kernel (and its
+Adam moments) is split across the two processes, so each checkpoint is sharded, each
+process writing the slices of its own devices.
 """
 
 import json
@@ -29,6 +32,7 @@ jax.distributed.initialize(f"localhost:{PORT}", num_processes=2, process_id=PID)
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from sharding_models import Block, adam, data
 
 from jaxfit import Callback, Trainer
@@ -58,11 +62,27 @@ class Killer(Callback):
 
 def mesh():
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(np.array(devices).reshape(2, 4), ("data", "fsdp"))
+    return Mesh(np.array(devices), ("fsdp",))
+
+
+def die_after_writing_part(at):
+    """Process 1 SIGKILLs itself once its part of the step-``at`` checkpoint is on disk."""
+    from jaxfit.checkpoint import _sharded
+
+    write_part = _sharded.write_part
+
+    def write_then_die(path, records):
+        out = write_part(path, records)
+        if path.parent.name.endswith(f"-step{at}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    _sharded.write_part = write_then_die
 
 
 def dump(trainer):
     params = multihost_utils.process_allgather(trainer.params, tiled=True)
+    Path(f"{OUT}.run_id{PID}").write_text(trainer.run_id)
     if PID == 0:
         with open(OUT, "w") as f:
             json.dump({"history": trainer.history.history, "step": trainer.step,
@@ -74,10 +94,11 @@ if MODE == "resume":
     trainer = Trainer.load(RUN, mesh=mesh())
     trainer.fit()
 else:
+    if MODE == "killone" and PID == 1:
+        die_after_writing_part(KILL_AT - 1)
     x, y = data(64)
     trainer = Trainer(optimizer=adam(), loss="softmax_cross_entropy", seed=0, mesh=mesh(),
-                      rules=[("embed", "fsdp"), ("mlp", None)], data_axes=("data", "fsdp"))
-    trainer.fit(Block("logical"), (x, y), epochs=3, batch_size=16, verbose=0,
-                callbacks=[ModelCheckpoint(RUN, every_n_steps=3, keep_last=10, background=False),
-                           Killer(KILL_AT, RUN)])
+                      param_rules=[(r"(up|down)/kernel$", P("fsdp"))], data_axes=("fsdp",))
+    trainer.fit(Block("plain"), (x, y), epochs=3, batch_size=16, verbose=0,
+                callbacks=[ModelCheckpoint(RUN, every_n_steps=3, keep_last=10), Killer(KILL_AT, RUN)])
 dump(trainer)

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from test_multihost import _free_port
 
+from jaxfit.checkpoint import decode_state, list_checkpoints, read_checkpoint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = textwrap.dedent("""
@@ -109,19 +111,56 @@ def _two(mode, run, out, **env_extra):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_two_process_fsdp_run_sigkilled_mid_run_resumes_bit_for_bit(tmp_path):
+def test_two_process_fsdp_run_split_across_processes_sigkilled_mid_run_resumes_bit_for_bit(tmp_path):
     full = tmp_path / "full.json"
     for code, err in _two("full", tmp_path / "full-run", full):
         assert code == 0, err[-3000:]
+    # One run: process 0's run id on both (each checks the run directory by it).
+    assert (tmp_path / "full.json.run_id0").read_text() == (tmp_path / "full.json.run_id1").read_text()
     run, out = tmp_path / "run", tmp_path / "resumed.json"
     for code, err in _two("kill", run, out, MH_KILL="1"):
         assert code == -signal.SIGKILL, err[-3000:]
     assert (run / "latest").read_text().strip().endswith("step6")  # killed after step 7
+    ckpt = run / (run / "latest").read_text().strip()
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    # Each process wrote its own slices: a kernel's 8 slices, 4 in each part.
+    assert manifest["sharded"]["parts"] == ["shards-00000-of-00002.msgpack", "shards-00001-of-00002.msgpack"]
+    for part in manifest["sharded"]["parts"]:
+        records = decode_state((ckpt / part).read_bytes())["shards"]
+        kernel = [r for r in records if r["path"] == "state/params/up/kernel"]
+        assert len(kernel) == 4 and {r["data"].shape for r in kernel} == {(1, 16)}
     for code, err in _two("resume", run, out):
         assert code == 0, err[-3000:]
     want, got = json.loads(full.read_text()), json.loads(out.read_text())
     assert got["step"] == want["step"] == 12
-    assert got["spec"] == want["spec"] == "P('fsdp', None)"
+    assert got["spec"] == want["spec"] == "P('fsdp',)"
     assert got["history"] == want["history"]
     for a, b in zip(got["params"], want["params"]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_one_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_newest(tmp_path):
+    run, port = tmp_path / "run", str(_free_port())
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen([sys.executable, KILL_WORKER, "killone", str(i), port, str(run), str(tmp_path / "x")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in (0, 1)]
+    try:
+        _, err = procs[1].communicate(timeout=900)
+        assert procs[1].returncode == -signal.SIGKILL, err[-3000:]  # after writing its step-6 part
+        try:  # process 0 waits for the dead one's report; give it time to (wrongly) commit
+            procs[0].communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        procs[0].kill()
+        procs[0].communicate()
+    # Saved: step 3 (every 3 steps), step 4 (the end of epoch 1); step 6 was being written.
+    assert (run / "latest").read_text().strip() == "ckpt-000002-step4"
+    assert [info.name for info in list_checkpoints(run)] == ["ckpt-000001-step3", "ckpt-000002-step4"]
+    pending = [d for d in run.iterdir() if d.name.startswith(".tmp-") and d.name.endswith("ckpt-000003-step6")]
+    assert len(pending) == 1 and (pending[0] / "shards-00001-of-00002.msgpack").is_file()
+    assert not (pending[0] / "manifest.json").exists()
+    assert read_checkpoint(run)[1]["step"] == 4

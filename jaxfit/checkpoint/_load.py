@@ -16,6 +16,7 @@ from jaxfit.checkpoint._errors import (
 )
 from jaxfit.checkpoint._read import load_newest
 from jaxfit.checkpoint._recipe import load_recipe
+from jaxfit.checkpoint._sharded import ShardedState
 from jaxfit.errors import ShapeError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # The top-level entries of a trainer's state_dict() that restoring reads, and their types.
 _FIELDS: dict[str, tuple[type, ...]] = {
-    "format": (int, np.integer, str), "train_state": (dict,), "step": (int, np.integer),
+    "format": (int, np.integer, str), "train_state": (dict, ShardedState), "step": (int, np.integer),
     "epoch": (int, np.integer), "batch_in_epoch": (int, np.integer),
     "seed": (int, np.integer), "input_spec": (dict, type(None)), "history": (dict,)}
 _OPTIONAL: dict[str, tuple[type, ...]] = {

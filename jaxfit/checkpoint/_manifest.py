@@ -8,6 +8,11 @@ A run directory::
       ckpt-000002-step200/
         state.msgpack               # the whole resumable state (msgpack, no pickle)
         manifest.json               # versions, step, epoch, metrics, sha256 of each file
+      ckpt-000004-step400/          # a sharded state (see _sharded.py): format version 2
+        state.msgpack               # everything but the arrays (step, epoch, callbacks, ...)
+        shards-00000-of-00002.msgpack  # the slices process 0 owns
+        shards-00001-of-00002.msgpack  # ... process 1
+        manifest.json               # as above + per leaf: shape, dtype, saved sharding
       ckpt-000003-step300/
         ...
 
@@ -33,7 +38,11 @@ from jaxfit.checkpoint._io import read_regular, sha256_regular
 from jaxfit.checkpoint._msgpack import DEFAULT_MAX_BYTES
 
 FORMAT = "jaxfit.checkpoint"
-FORMAT_VERSION = 1
+# 1: the whole state in state.msgpack. 2: a sharded checkpoint (the arrays in one part file
+# per process, see _sharded.py); written only for sharded states, so a replicated run's
+# checkpoints stay readable by versions that know 1 only.
+FORMAT_VERSION = 2
+WHOLE_VERSION = 1
 STATE_FILE = "state.msgpack"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
@@ -78,11 +87,15 @@ def _json_number(value: Any) -> Any:
 
 def build_manifest(*, seq: int, step: int, epoch: int, batch_in_epoch: int, reason: str,
                    metrics: dict[str, Any], monitor: str | None, mode: str | None,
-                   files: dict[str, dict], recipe: dict | None, run_id: str | None = None) -> dict:
-    """The manifest of one checkpoint (see the module docstring for the layout)."""
+                   files: dict[str, dict], recipe: dict | None, run_id: str | None = None,
+                   sharded: dict | None = None) -> dict:
+    """The manifest of one checkpoint (see the module docstring for the layout); with
+    ``sharded`` (parts, leaves, process count) a format-2 manifest of a sharded checkpoint."""
+    extra = {} if sharded is None else {"sharded": sharded}
     return {
+        **extra,
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": WHOLE_VERSION if sharded is None else FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seq": seq,
         "step": step,
@@ -149,6 +162,10 @@ def read_manifest(ckpt_dir: Path) -> dict:
             f"{path}: format version {manifest['format_version']} was written by a newer jaxfit "
             f"(this one reads up to version {FORMAT_VERSION}); upgrade jaxfit to load it"
         )
+    if manifest["format_version"] < WHOLE_VERSION:
+        raise CheckpointCorruptError(
+            f"{path}: format version {manifest['format_version']} is unknown (this jaxfit reads "
+            f"versions {WHOLE_VERSION} to {FORMAT_VERSION}); the manifest is damaged")
     for name, entry in manifest["files"].items():
         if Path(name).name != name or name in (".", ".."):
             raise CheckpointCorruptError(f"{path} lists a bad file {name!r}")
@@ -159,6 +176,10 @@ def read_manifest(ckpt_dir: Path) -> dict:
                 f"{path}: bad entry for {name!r} (expected a size and a sha256)")
     if STATE_FILE not in manifest["files"]:
         raise CheckpointCorruptError(f"{path} lists no {STATE_FILE}")
+    if manifest["format_version"] == FORMAT_VERSION:
+        from jaxfit.checkpoint._sharded import check_manifest
+
+        check_manifest(manifest, str(path))
     for key, kinds in _OPTIONAL.items():
         if not isinstance(manifest.get(key), kinds):
             raise CheckpointCorruptError(

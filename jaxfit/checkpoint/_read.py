@@ -40,22 +40,40 @@ def read_one(ckpt_dir: Path, max_bytes: int) -> tuple[dict, dict]:
       CheckpointCorruptError: naming the file and what is wrong with it.
     """
     manifest = _manifest.read_manifest(ckpt_dir)
-    others = {k: v for k, v in manifest["files"].items() if k != _manifest.STATE_FILE}
+    parts = manifest.get("sharded", {}).get("parts", []) \
+        if manifest["format_version"] == _manifest.FORMAT_VERSION else []
+    others = {k: v for k, v in manifest["files"].items()
+              if k != _manifest.STATE_FILE and k not in parts}
+    _manifest.verify_files(ckpt_dir, {"files": others}, max_bytes=max_bytes)
+    state = decode_file(ckpt_dir / _manifest.STATE_FILE, manifest["files"][_manifest.STATE_FILE],
+                        max_bytes)
+    if parts:  # the arrays are in the part files: verified and decoded, placed on restore
+        from jaxfit.checkpoint._sharded import read_parts
+
+        state["train_state"] = read_parts(ckpt_dir, manifest, max_bytes)
+    return manifest, state
+
+
+def decode_file(path: Path, expected: dict, max_bytes: int) -> dict:
+    """The decoded msgpack of one file a manifest lists, read once only if it is a regular
+    file of the ``expected`` size (and at most ``max_bytes``), hashed and decoded from that
+    one copy.
+
+    Raises:
+      CheckpointCorruptError: the file is missing, of the wrong size, fails its sha256 or
+        is malformed.
+    """
     hint = (f"the limit of {max_bytes} bytes (pass a larger max_bytes if the file is "
             "trusted to be this large)")
-    _manifest.verify_files(ckpt_dir, {"files": others}, max_bytes=max_bytes)
-    state_path = ckpt_dir / _manifest.STATE_FILE
-    expected = manifest["files"][_manifest.STATE_FILE]
     try:
-        data = _io.read_regular(state_path, limit=max_bytes, expected=expected["size"],
+        data = _io.read_regular(path, limit=max_bytes, expected=expected["size"],
                                 limit_hint=hint)
     except FileNotFoundError:
-        raise CheckpointCorruptError(f"{state_path} is missing") from None
+        raise CheckpointCorruptError(f"{path} is missing") from None
     if hashlib.sha256(data).hexdigest() != expected["sha256"]:
         raise CheckpointCorruptError(
-            f"{state_path} fails its sha256 check (modified or corrupted on disk)")
-    state = _msgpack.decode(data, max_bytes=max_bytes, source=str(state_path))
-    return manifest, state
+            f"{path} fails its sha256 check (modified or corrupted on disk)")
+    return _msgpack.decode(data, max_bytes=max_bytes, source=str(path))
 
 
 def _no_checkpoint(path: Path, problems: list[str], structure: bool) -> CheckpointError:

@@ -1,21 +1,26 @@
 """Writing checkpoints into a run directory: atomically, in order, off the training thread.
 
 :class:`RunWriter` owns one run directory for one fit. ``save`` takes a state that is already
-a host copy (numpy arrays that own their memory), so the training thread can go on while a
-single background thread serializes, hashes, fsyncs, renames, moves the ``latest`` pointer
-and applies retention. Writes happen one at a time, in the order they were asked for; an
+a host copy (numpy arrays that own their memory), or a ``fetch`` that gives the arrays from a
+device-side snapshot, so the training thread can go on while a single background thread
+fetches, serializes, hashes, fsyncs, renames, moves the ``latest`` pointer and applies
+retention. Writes happen one at a time, in the order they were asked for; an
 error in the background is raised by the next ``save`` or by ``wait``.
 """
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jaxfit.checkpoint import _io, _manifest, _msgpack, _retention
+import jax
+
+from jaxfit.checkpoint import _io, _manifest, _msgpack, _retention, _sharded
 from jaxfit.checkpoint._errors import CheckpointError
 from jaxfit.checkpoint._recipe import write_recipe
 
@@ -25,13 +30,15 @@ class SaveStats:
     """Timings of every save of a fit, in seconds, oldest first.
 
     Attributes:
-      blocking: how long the training thread waited for each save (the host copy plus any
-        wait for the previous write to finish).
-      write: how long serializing and writing each checkpoint took (in the background when
-        asynchronous).
-      nbytes: size of each state file.
-      copy: the part of ``blocking`` spent copying the state to host memory (the rest is
-        waiting for the previous write, and the write itself when not in the background).
+      blocking: how long the training thread waited for each save (dispatching the
+        snapshot and copying the small host state, plus any wait for the previous write to
+        finish).
+      write: how long fetching, serializing and writing each checkpoint took (in the
+        background when asynchronous).
+      nbytes: size of each checkpoint's files (the manifest aside).
+      copy: the part of ``blocking`` spent on the snapshot: dispatching the device-side copy
+        and copying the small host state (the rest is waiting for the previous write, and
+        the write itself when not in the background).
       device_wait: before each save, how long the steps already dispatched took to finish
         (the state must be computed before it can be copied; not counted in ``blocking``).
     """
@@ -60,19 +67,125 @@ def write_checkpoint(run_dir: Path, state: dict, *, seq: int, step: int, epoch: 
     try:
         files = {_manifest.STATE_FILE: _io.write_file(
             tmp / _manifest.STATE_FILE, lambda f: _msgpack.write_tree(f, state))}
-        manifest = _manifest.build_manifest(
-            seq=seq, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, reason=reason,
-            metrics=metrics, monitor=monitor, mode=mode, files=files, recipe=recipe, run_id=run_id)
-        payload = _manifest.manifest_bytes(manifest)
-        _io.write_file(tmp / _manifest.MANIFEST_FILE, lambda f: f.write(payload))
-        _io.publish_dir(tmp, final)
+        _commit(tmp, final, files, seq=seq, step=step, epoch=epoch,
+                batch_in_epoch=batch_in_epoch, reason=reason, metrics=metrics, monitor=monitor,
+                mode=mode, recipe=recipe, run_id=run_id)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _io.replace_file(run_dir / _manifest.LATEST_FILE, (final.name + "\n").encode())
     return final
+
+
+def _commit(tmp: Path, final: Path, files: dict[str, dict], **fields: Any) -> None:
+    """Writes the manifest of the files in ``tmp``, renames it to ``final`` and moves
+    ``latest`` to it: the instant the checkpoint becomes visible."""
+    payload = _manifest.manifest_bytes(_manifest.build_manifest(files=files, **fields))
+    if len(payload) > _manifest.MAX_MANIFEST_BYTES:  # readers refuse it: never publish it
+        raise CheckpointError(
+            f"the manifest of {final.name} would be {len(payload)} bytes, more than the "
+            f"{_manifest.MAX_MANIFEST_BYTES} a reader accepts (a sharded state of very many "
+            "leaves); the checkpoint was not written")
+    _io.write_file(tmp / _manifest.MANIFEST_FILE, lambda f: f.write(payload))
+    _io.publish_dir(tmp, final)
+    _io.replace_file(final.parent / _manifest.LATEST_FILE, (final.name + "\n").encode())
+
+
+def _shared_dir(run_dir: Path, peers: _sharded.Peers | None, save: int, name: str) -> Path:
+    """The checkpoint's temporary directory: made by process 0 (its name handed to the
+    others through the coordination service), which must be visible to every process."""
+    if peers is None or peers.index == 0:
+        tmp = run_dir / _io.tmp_name(name)
+        try:
+            tmp.mkdir()
+        except BaseException as err:
+            if peers is not None:  # the others wait for the name: tell them it failed
+                peers.publish(save, "dir", {"error": f"{type(err).__name__}: {err}"})
+            raise
+        if peers is not None:
+            peers.publish(save, "dir", {"tmp": tmp.name})
+        return tmp
+    told = peers.read(save, "dir")
+    if "error" in told:
+        raise CheckpointError(f"process 0 could not create the checkpoint: {told['error']}")
+    tmp = run_dir / Path(str(told["tmp"])).name
+    if not tmp.is_dir():
+        raise CheckpointError(
+            f"process {peers.index} does not see the checkpoint directory {tmp} that process 0 "
+            "made: the run directory must be on a file system every process shares")
+    return tmp
+
+
+def write_sharded_checkpoint(run_dir: Path, state: dict, records: list,
+                             leaves: tuple[dict | None, dict], *,
+                             peers: _sharded.Peers | None, save: int, seq: int, step: int,
+                             **fields: Any) -> Path | None:
+    """Writes this process's part of one sharded checkpoint; process 0 commits it.
+
+    Every process streams its records into its own part file inside one temporary
+    directory (process 0 also writes ``state.msgpack``, the arrays left out) and fsyncs it.
+    With several processes, each then reports its part's size and sha256 (or its error)
+    and waits at a barrier; only after it does process 0 write the manifest and rename the
+    directory into place. A kill of any process before that leaves the previous checkpoint
+    the newest; every process reaches the barrier even when its own write failed, so no
+    other waits in vain. Returns the checkpoint's directory on process 0, else None.
+    """
+    index, count = (peers.index, peers.count) if peers else (0, 1)
+    final = run_dir / _manifest.checkpoint_name(seq, step)
+    files: dict[str, dict] = {}
+    tmp: Path | None = None
+    error: BaseException | None = None
+    try:
+        tmp = _shared_dir(run_dir, peers, save, final.name)
+        part = _sharded.part_name(index, count)
+        files[part] = _sharded.write_part(tmp / part, records)
+        if index == 0:
+            files[_manifest.STATE_FILE] = _io.write_file(
+                tmp / _manifest.STATE_FILE, lambda f: _msgpack.write_tree(f, state))
+    except BaseException as err:  # reported to the others below, raised after the barrier
+        error = err
+    try:
+        if peers is not None:
+            peers.publish(save, f"part{index}", {"files": files} if error is None
+                          else {"error": f"{type(error).__name__}: {error}"})
+            peers.barrier(save)
+        if error is not None:
+            raise error
+        if index != 0:
+            return None
+        assert tmp is not None
+        for q in range(1, count):
+            assert peers is not None
+            files.update(_peer_files(tmp, q, peers.read(save, f"part{q}"),
+                                     _sharded.part_name(q, count)))
+        sharded = {"process_count": count, "mesh": leaves[0], "leaves": leaves[1],
+                   "parts": [_sharded.part_name(q, count) for q in range(count)]}
+        _commit(tmp, final, files, seq=seq, step=step, sharded=sharded, **fields)
+    except BaseException:
+        if index == 0 and tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _peer_files(tmp: Path, q: int, told: dict, part: str) -> dict[str, dict]:
+    """The part file process ``q`` reports, checked against what process 0 sees on disk."""
+    if "error" in told:
+        raise CheckpointError(f"process {q} could not write its part of the checkpoint: "
+                              f"{told['error']}")
+    entry = (told.get("files") or {}).get(part)
+    if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)):
+        raise CheckpointError(f"process {q} reported no size and sha256 for {part}: {told!r}")
+    try:
+        size = (tmp / part).stat().st_size
+    except FileNotFoundError:
+        size = None
+    if size != entry["size"]:
+        raise CheckpointError(
+            f"process {q} wrote {part} ({entry['size']} bytes) but process 0 sees "
+            f"{'no such file' if size is None else f'{size} bytes'} in {tmp}: the run directory "
+            "must be on a file system every process shares")
+    return {part: {"sha256": entry["sha256"], "size": entry["size"]}}
 
 
 def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | None,
@@ -117,6 +230,10 @@ class RunWriter:
       keep_last, keep_best, monitor, mode: retention, see :func:`apply_retention`.
       background: write in a background thread (True) or in the caller's thread.
       run_id: the run written; retention deletes only checkpoints of this run.
+      sharded: every save is a sharded checkpoint (:func:`write_sharded_checkpoint`). With
+        several processes, every process has a sharded writer and saves at the same points;
+        process 0 owns the run directory (cleanup, ``latest``, retention), the others only
+        add their part files to each checkpoint.
 
     The caller holds the run directory's writer lock (see ``RunLock``): the writer assumes
     no other process writes there.
@@ -124,34 +241,60 @@ class RunWriter:
 
     def __init__(self, run_dir: Path, *, keep_last: int | None, keep_best: int | None,
                  monitor: str | None, mode: str | None, background: bool = True,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, sharded: bool = False) -> None:
         self.run_dir = run_dir
         self.retention: dict[str, Any] = dict(keep_last=keep_last, keep_best=keep_best,
                                               monitor=monitor, mode=mode, run_id=run_id)
         self.background = background
         self.stats = SaveStats()
         self.recipe_ref: dict | None = None
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _io.remove_stale_tmp(run_dir)
-        existing = [_manifest.parse_name(p.name) for p in run_dir.iterdir()]
-        self._next_seq = 1 + max((p[0] for p in existing if p), default=0)
+        self.sharded = sharded
+        self.peers = _sharded.Peers() if sharded and jax.process_count() > 1 \
+            else None
+        self._owner = self.peers is None or self.peers.index == 0
+        self._saves = 0
+        self._next_seq = 0
+        if self._owner:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _io.remove_stale_tmp(run_dir)
+            existing = [_manifest.parse_name(p.name) for p in run_dir.iterdir()]
+            self._next_seq = 1 + max((p[0] for p in existing if p), default=0)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._skipped: list[int] = []
 
     def set_recipe(self, payload: bytes) -> None:
         """Stores the packed recipe of this fit; later checkpoints refer to it."""
         self.recipe_ref = write_recipe(self.run_dir, payload)
 
-    def save(self, state: dict, *, copy_seconds: float = 0.0, **meta: Any) -> None:
+    def save(self, state: dict, *, copy_seconds: float = 0.0,
+             shards: tuple[list, tuple[dict | None, dict]] | None = None,
+             fetch: Callable[[], dict | None] | None = None, **meta: Any) -> None:
         """Queues (or performs) the write of ``state`` with manifest fields ``meta``.
 
         ``state`` must already be a host copy that nothing else will modify; ``copy_seconds``
-        is how long making that copy took, counted into the blocking time.
+        is how long making that copy took, counted into the blocking time. A sharded writer
+        takes ``shards``: this process's records (``_sharded.snapshot``) and the mesh and
+        leaves' metadata (``_sharded.leaf_meta``); ``state`` then holds all but the arrays.
+
+        Or ``fetch``, called first on the writer thread, gives the arrays: it returns the
+        job's missing entries (``{"state": ...}``, or ``{"records": ..., "leaves": ...}``
+        for a sharded writer), or ``None`` for a save not to write (its step is then in
+        :meth:`take_skipped`).
         """
         start = time.perf_counter()
         self.wait()  # one write at a time; also re-raises a failed previous write
+        if fetch is None and self.sharded != (shards is not None):
+            raise ValueError(f"a {'sharded' if self.sharded else 'whole'} RunWriter was given "
+                             f"{'no ' if shards is None else ''}shard records")
         seq, self._next_seq = self._next_seq, self._next_seq + 1
-        job = dict(state=state, seq=seq, recipe=self.recipe_ref, **meta)
+        job = dict(state=state, seq=seq, recipe=self.recipe_ref, fetch=fetch, **meta)
+        if shards is not None:
+            job.update(records=shards[0], leaves=shards[1])
+        if self.sharded:
+            job.update(peers=self.peers, save=self._saves)
+            self._saves += 1  # the same count on every process: it names the save for the peers
         if self.background:
             self._thread = threading.Thread(target=self._run, args=(job,),
                                             name="jaxfit-checkpoint-writer", daemon=False)
@@ -162,13 +305,32 @@ class RunWriter:
         self.stats.blocking.append(copy_seconds + time.perf_counter() - start)
         self.stats.copy.append(copy_seconds)
 
+    def take_skipped(self) -> list[int]:
+        """The steps of the saves whose ``fetch`` declined to write, since the last call."""
+        with self._lock:
+            out, self._skipped = self._skipped, []
+        return out
+
     def _run(self, job: dict) -> None:
         began = time.perf_counter()
         try:
-            path = write_checkpoint(self.run_dir, **job)
-            protect = frozenset([self.recipe_ref["file"]]) if self.recipe_ref else frozenset()
-            apply_retention(self.run_dir, protect=protect, **self.retention)
-            self.stats.nbytes.append((path / _manifest.STATE_FILE).stat().st_size)
+            fetch = job.pop("fetch")
+            if fetch is not None:
+                got = fetch()
+                if got is None:
+                    with self._lock:
+                        self._skipped.append(job["step"])
+                    return
+                job.update(got)
+            if self.sharded:
+                path = write_sharded_checkpoint(self.run_dir, **job)
+            else:
+                path = write_checkpoint(self.run_dir, **job)
+            if path is not None:  # process 0: the checkpoint is in place
+                protect = frozenset([self.recipe_ref["file"]]) if self.recipe_ref else frozenset()
+                apply_retention(self.run_dir, protect=protect, **self.retention)
+                self.stats.nbytes.append(sum(f.stat().st_size for f in path.iterdir()
+                                             if f.name != _manifest.MANIFEST_FILE))
             self.stats.write.append(time.perf_counter() - began)
         except BaseException as err:  # handed to the training thread by wait()/save()
             self._error = err
@@ -187,4 +349,3 @@ class RunWriter:
             self._thread.join()
             self._thread = None
         self._raise_pending()
-
