@@ -209,6 +209,8 @@ class Engine:
 
     def _train_one(self, schedules: dict[str, Callable]) -> Callable:
         step, slots, base = self.step, self.slots, self.train_key
+        # On one XLA:CPU device (see _after); on a mesh the tie would read a sharded leaf.
+        tie_count = self.shardings is None and jax.default_backend() == "cpu"
 
         def one(es: EngineState, batch: Any, mask: Any) -> tuple[EngineState, Any]:
             # The key of step k depends on (seed, k) alone: nothing to carry or save.
@@ -217,7 +219,7 @@ class Engine:
             state, logs = step.train_step(state, batch, ctx)
             logs = self._as_states(logs, ctx)
             metrics = merge(es.metrics, jax.lax.stop_gradient(logs))
-            count = _after(es.step + 1, (metrics, state))
+            count = _after(es.step + 1, (metrics, state)) if tie_count else es.step + 1
             return es.replace(step=count, state=state, metrics=metrics), scalar_loss(logs)
 
         return one
