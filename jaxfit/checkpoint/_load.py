@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,16 +17,16 @@ from jaxfit.checkpoint._errors import (
 )
 from jaxfit.checkpoint._read import load_newest
 from jaxfit.checkpoint._recipe import load_recipe
-from jaxfit.checkpoint._sharded import ShardedState
 from jaxfit.errors import ShapeError
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.callback import Callback
     from jaxfit.trainer import Trainer
 
+
 # The top-level entries of a trainer's state_dict() that restoring reads, and their types.
 _FIELDS: dict[str, tuple[type, ...]] = {
-    "format": (int, np.integer, str), "train_state": (dict, ShardedState), "step": (int, np.integer),
+    "format": (int, np.integer, str), "train_state": (dict,), "step": (int, np.integer),
     "epoch": (int, np.integer), "batch_in_epoch": (int, np.integer),
     "seed": (int, np.integer), "input_spec": (dict, type(None)), "history": (dict,)}
 _OPTIONAL: dict[str, tuple[type, ...]] = {
@@ -76,6 +77,13 @@ def _spec_bytes(spec: Any, source: str) -> int:
     return total
 
 
+def _is_sharded_state(value: Any) -> bool:
+    """A sharded checkpoint's train state, as its reader returns it. Only reading a sharded
+    checkpoint imports ``_sharded`` (and jax): ``python -m jaxfit info`` imports neither."""
+    module = sys.modules.get("jaxfit.checkpoint._sharded")
+    return module is not None and isinstance(value, module.ShardedState)
+
+
 def check_state(state: dict, source: str, max_bytes: int) -> None:
     """Checks the entries of a decoded state that restoring reads before any is used.
 
@@ -91,6 +99,8 @@ def check_state(state: dict, source: str, max_bytes: int) -> None:
                         "trainer state (or was written by an incompatible version)")
                 continue
             value = state[key]
+            if key == "train_state" and _is_sharded_state(value):
+                continue
             if not isinstance(value, kinds) or isinstance(value, bool):
                 raise CheckpointStructureError(
                     f"{source}: the state's {key!r} is a {type(value).__name__}, expected "

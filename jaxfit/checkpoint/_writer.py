@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-
-from jaxfit.checkpoint import _io, _manifest, _msgpack, _retention, _sharded
+from jaxfit.checkpoint import _io, _manifest, _msgpack, _retention
 from jaxfit.checkpoint._errors import CheckpointError
 from jaxfit.checkpoint._recipe import write_recipe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from jaxfit.checkpoint import _sharded
 
 
 @dataclass
@@ -129,6 +130,7 @@ def write_sharded_checkpoint(run_dir: Path, state: dict, records: list,
     the newest; every process reaches the barrier even when its own write failed, so no
     other waits in vain. Returns the checkpoint's directory on process 0, else None.
     """
+    from jaxfit.checkpoint import _sharded  # jax: only a sharded save needs it
     index, count = (peers.index, peers.count) if peers else (0, 1)
     final = run_dir / _manifest.checkpoint_name(seq, step)
     files: dict[str, dict] = {}
@@ -249,8 +251,7 @@ class RunWriter:
         self.stats = SaveStats()
         self.recipe_ref: dict | None = None
         self.sharded = sharded
-        self.peers = _sharded.Peers() if sharded and jax.process_count() > 1 \
-            else None
+        self.peers = _peers() if sharded else None
         self._owner = self.peers is None or self.peers.index == 0
         self._saves = 0
         self._next_seq = 0
@@ -349,3 +350,13 @@ class RunWriter:
             self._thread.join()
             self._thread = None
         self._raise_pending()
+
+
+def _peers() -> _sharded.Peers | None:
+    """The other processes of a multi-process sharded save (None with one process). jax is
+    imported here, not with the module: ``python -m jaxfit info`` reads runs without it."""
+    import jax
+
+    from jaxfit.checkpoint import _sharded
+
+    return _sharded.Peers() if jax.process_count() > 1 else None
