@@ -21,7 +21,6 @@ import jax
 import numpy as np
 
 from jaxfit._fusion import FusionChooser
-from jaxfit._tree import batch_rows
 from jaxfit.callback import Callback
 from jaxfit.data import Execution
 from jaxfit.errors import ConfigError, DataError, Preempted
@@ -30,10 +29,6 @@ from jaxfit.step import LossStep
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.trainer import Trainer
-
-
-def rows_of(batch: Any) -> int | None:
-    return batch_rows(batch)
 
 
 def _positive(value: Any) -> bool:

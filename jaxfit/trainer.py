@@ -14,7 +14,7 @@ import optax
 from jaxfit import _state, loop
 from jaxfit._placement import place_host
 from jaxfit._reduce import resolve
-from jaxfit._tree import same_structure
+from jaxfit._tree import batch_rows, same_structure
 from jaxfit.callback import Callback, CallbackList
 from jaxfit.data import Execution, make_source, split_validation
 from jaxfit.engine import Engine, EngineState
@@ -511,7 +511,7 @@ class Trainer:
                                batch_size=args.get("validation_batch_size") or args.get("batch_size"))
         loop.check_sources(given, train, val)
         first = loop.first_batch(self, train)
-        self._check_divisible(loop.rows_of(first))
+        self._check_divisible(batch_rows(first))
         if self._es is None:
             self._init_state(first, initial_params)
         self._check_padding(train, "training data", "train")
@@ -521,7 +521,7 @@ class Trainer:
         if val is not None:
             val_first = val.example()
             self._check_padding(val, "validation data", "eval")
-            self._check_divisible(loop.rows_of(val_first))
+            self._check_divisible(batch_rows(val_first))
             self._check_batch(val_first, "eval", "validation data")
             log = log + [f"val_{m}" for m in self._engine.log_names("eval")]
         self._check_targets(train, first)
@@ -589,7 +589,7 @@ class Trainer:
         src = self._source(data, "evaluation data", batch_size=batch_size or self._fit_args.get("batch_size"))
         first = src.example()
         self._check_padding(src, "evaluation data", "eval")
-        self._check_divisible(loop.rows_of(first))
+        self._check_divisible(batch_rows(first))
         self._check_batch(first, "eval", "evaluation data")
         return self._evaluate_source(src)
 
@@ -599,7 +599,7 @@ class Trainer:
         if self._es is None or self._engine is None:
             raise ConfigError("predict() needs a trained or loaded trainer: call fit first")
         src = self._source(x, "prediction data", batch_size=batch_size or self._fit_args.get("batch_size"))
-        self._check_divisible(loop.rows_of(src.example()))
+        self._check_divisible(batch_rows(src.example()))
         fn, state = self._engine.predict_fn(), self.state
         outs = [(fn(state, ex.batch, self._mask(ex), np.int32(i)), ex.n_valid[0])
                 for i, ex in enumerate(loop.prefetched(self, src.executions(0, 0, 1)))]
