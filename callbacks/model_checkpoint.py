@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxfit import _state
@@ -18,6 +17,7 @@ from jaxfit.checkpoint import _sharded
 from jaxfit.checkpoint._errors import CheckpointError
 from jaxfit.checkpoint._lock import RunLock
 from jaxfit.checkpoint._recipe import DEFAULT_MAX_DATA_BYTES, pack_recipe
+from jaxfit.checkpoint._snapshot import Snapshot, fetcher
 from jaxfit.checkpoint._writer import RunWriter, SaveStats
 from jaxfit.errors import ConfigError
 
@@ -360,22 +360,11 @@ class ModelCheckpoint(Callback):
         # (the next step donates the live ones) and their finiteness flag. The writer thread
         # waits for it, fetches the copy (whole, or this process's own slices for a sharded
         # checkpoint) and writes it; here only the small rest is copied.
-        snap, finite = _snapshot_program(es)
+        snap = Snapshot(es, sharded=self._write_shards)
         state = _owned_copy(_state.meta_dict(trainer))
         copy_seconds = time.perf_counter() - dispatched
         step, batch = int(state["step"]), int(state["batch_in_epoch"])
-        sharded = self._write_shards
-
-        def fetch() -> dict | None:  # on the writer thread
-            # A replicated scalar: every process takes the same decision.
-            if not bool(np.asarray(finite.addressable_data(0))):
-                return None
-            if sharded:
-                return {"records": _sharded.snapshot(snap, copy=False),
-                        "leaves": _sharded.leaf_meta(snap)}
-            whole = dict(state)  # views of the copy's buffers: nothing donates them
-            whole["train_state"] = _state.train_state_dict(snap)
-            return {"state": whole}
+        fetch = fetcher(snap, state, self._write_shards)
 
         # Epoch logs describe this state only at an epoch boundary (a validation's logs at
         # its step, given by the caller).
@@ -400,17 +389,6 @@ class ModelCheckpoint(Callback):
             warnings.warn(f"ModelCheckpoint: not saving step {step}: the params hold NaN or inf "
                           "values; the checkpoints on disk keep the last finite state",
                           RuntimeWarning, stacklevel=3)
-
-
-def _snapshot_leaves(es: Any) -> tuple[Any, jax.Array]:
-    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(es.state)
-             if jnp.issubdtype(x.dtype, jnp.inexact)]
-    copy = jax.tree_util.tree_map(jnp.copy, es)  # each copy keeps its input's sharding
-    return copy, jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
-
-
-# Compiled once per state layout. The flag is a 0-d array, replicated over any mesh.
-_snapshot_program = jax.jit(_snapshot_leaves)
 
 
 def _check_space(directory: Path, need: int) -> None:

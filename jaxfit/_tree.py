@@ -47,19 +47,25 @@ def _key_impl(leaf: Any) -> Any:
     return jax.random.key_impl(leaf)
 
 
-def to_dict(tree: Any) -> dict:
-    """Nested dict of numpy arrays; typed PRNG keys become their key data."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    host = jax.device_get([jax.random.key_data(leaf) if _is_typed_key(leaf) else leaf for _, leaf in leaves])
+def nest(leaves: list, values: Any) -> dict:
+    """The nested dict ``to_dict`` makes of ``tree_flatten_with_path``'s ``leaves``, holding
+    ``values`` (one per leaf, in order) where the arrays go: a typed PRNG key's value is
+    wrapped as its key data's entry."""
     out: dict = {}
-    for (path, leaf), value in zip(leaves, host):
+    for (path, leaf), value in zip(leaves, values):
         node = out
         names = [_key_name(k) for k in path] or ["value"]
         for name in names[:-1]:
             node = node.setdefault(name, {})
-        value = np.asarray(value)
         node[names[-1]] = {_KEY_MARK: value} if _is_typed_key(leaf) else value
     return out
+
+
+def to_dict(tree: Any) -> dict:
+    """Nested dict of numpy arrays; typed PRNG keys become their key data."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    host = jax.device_get([jax.random.key_data(leaf) if _is_typed_key(leaf) else leaf for _, leaf in leaves])
+    return nest(leaves, [np.asarray(value) for value in host])
 
 
 def from_dict(template: Any, data: dict, where: str = "state") -> Any:

@@ -1,10 +1,10 @@
 """Atomic, durable file-system operations.
 
 A checkpoint is written into a temporary directory next to its final place, every file and
-the directory are fsynced, and one ``rename`` puts it in place: a kill at any instant leaves
-either no checkpoint or a complete one, and never touches an earlier one. Small files (the
-``latest`` pointer, the recipe) are replaced the same way, through a temporary file and
-``os.replace``.
+the directory are fsynced, and one ``rename`` (then an fsync of the parent) puts it in
+place: a kill at any instant leaves either no checkpoint or a complete one, and never
+touches an earlier one. Small files (the ``latest`` pointer, the recipe) are replaced the
+same way, through a temporary file and ``os.replace``.
 
 Reading is defensive (a run directory may come from anywhere): :func:`read_regular` and
 :func:`sha256_regular` open only regular files, never follow a symbolic link, never block on
@@ -164,17 +164,41 @@ def fsync_dir(path: Path) -> None:
 
 
 class HashingWriter:
-    """A write-only file wrapper that counts and sha256-hashes what goes through it."""
+    """A write-only file wrapper that counts and sha256-hashes what goes through it.
+
+    Small writes (msgpack headers, scalars) are gathered and hashed and written together;
+    a large buffer goes straight through (hashlib and the file write release the
+    interpreter lock for it, so a background write hardly holds up the training thread).
+    Call :meth:`flush` before the file is closed.
+    """
+
+    _GATHER = 1 << 16
 
     def __init__(self, raw: BinaryIO) -> None:
         self._raw = raw
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self._small = bytearray()
 
     def write(self, data: bytes | memoryview) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self._raw.write(data)
+        n = len(data)
+        self.size += n
+        if n < self._GATHER:
+            self._small += data
+            if len(self._small) >= self._GATHER:
+                self.flush()
+        else:
+            self.flush()
+            self.sha256.update(data)
+            self._raw.write(data)
+        return n
+
+    def flush(self) -> None:
+        """Hashes and writes what was gathered."""
+        if self._small:
+            self.sha256.update(self._small)
+            self._raw.write(self._small)
+            self._small = bytearray()
 
 
 def write_file(path: Path, fill: Callable[[HashingWriter], object]) -> dict:
@@ -186,6 +210,7 @@ def write_file(path: Path, fill: Callable[[HashingWriter], object]) -> dict:
     with open(path, "xb") as raw:
         writer = HashingWriter(raw)
         fill(writer)
+        writer.flush()
         raw.flush()
         os.fsync(raw.fileno())
     return {"sha256": writer.sha256.hexdigest(), "size": writer.size}
@@ -218,28 +243,41 @@ def host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+@functools.cache
+def _own_start_time(pid: int) -> int | None:
+    return _start_time(pid)  # (keyed by pid: a forked child reads its own)
+
+
 def tmp_name(final_name: str) -> str:
     """A temporary name for ``final_name`` that records the writing process (pid, machine,
     start time), so a leftover can be told from a write under way."""
-    start = _start_time(os.getpid())
+    start = _own_start_time(os.getpid())
     tag = "" if start is None else f"{host_tag()}.{start}-"
     return f"{TMP_PREFIX}{os.getpid()}-{tag}{final_name}"
 
 
-def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Atomically replaces (or creates) the small file ``path`` with ``data``."""
+def replace_file(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Atomically replaces (or creates) the small file ``path`` with ``data``.
+
+    ``durable=False`` skips the fsyncs: the replacement is still atomic (a kill leaves the
+    old file or the new one), but a power loss may bring back the old one (for the
+    ``latest`` pointer, which nothing loads by: the newest checkpoint is the highest
+    sequence number).
+    """
     tmp = path.with_name(tmp_name(path.name))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
@@ -253,10 +291,10 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
 
 def remove_dir(path: Path) -> None:
     """Deletes a checkpoint directory: renamed aside first, so no half-deleted one is ever
-    seen under its real name."""
+    seen under its real name. (Not fsynced: a power loss may bring back an older
+    checkpoint whole, or one that loading finds incomplete and skips with a warning.)"""
     doomed = path.with_name(tmp_name(path.name))
     os.rename(path, doomed)
-    fsync_dir(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 

@@ -81,6 +81,16 @@ def _bin_header(length: int) -> bytes:
     return struct.pack(">BI", 0xC6, length)
 
 
+def array_header(shape: tuple[int, ...], dtype_name: str, nbytes: int,
+                 code: int = EXT_NDARRAY) -> bytes:
+    """The bytes an array's encoding starts with; its ``nbytes`` C-order bytes follow.
+
+    The extension ``code`` wraps ``(shape, dtype name, bytes)`` as a 3-element msgpack array.
+    """
+    head = b"\x93" + msgpack.packb(list(shape)) + msgpack.packb(dtype_name) + _bin_header(nbytes)
+    return _ext_header(code, len(head) + nbytes) + head
+
+
 def _write_array(write: Callable[[Any], Any], arr: np.ndarray, code: int, path: str) -> None:
     if arr.dtype.name not in _ALLOWED_DTYPES:
         raise TypeError(
@@ -89,19 +99,62 @@ def _write_array(write: Callable[[Any], Any], arr: np.ndarray, code: int, path: 
         )
     if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
         arr = arr.copy(order="C")
-    # (shape, dtype name, bytes) as a 3-element msgpack array, written without copying data.
-    head = (b"\x93" + msgpack.packb(list(arr.shape)) + msgpack.packb(arr.dtype.name)
-            + _bin_header(arr.nbytes))
-    write(_ext_header(code, len(head) + arr.nbytes))
-    write(head)
+    write(array_header(arr.shape, arr.dtype.name, arr.nbytes, code))  # data not copied
     if arr.nbytes:
         # A uint8 view: memoryview cannot export ml_dtypes (bfloat16, float8) buffers.
         write(arr.reshape(-1).view(np.uint8).data)
 
 
+class Encoded:
+    """A subtree already encoded: its msgpack bytes as consecutive buffers (``bytes`` or
+    memoryviews of arrays), written as they are. Made by :func:`encode_skeleton`."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list) -> None:
+        self.parts = parts
+
+
+# Scalars msgpack encodes exactly as ``_write_node`` does, one at a time or in a list.
+_PLAIN = frozenset([float, int, str, bool, bytes, type(None)])
+
+
+def encode_skeleton(skeleton: Any, headers: list[bytes]) -> list:
+    """The encoding of a nested dict whose leaves are array slots, as parts: ``bytes`` and,
+    where array ``i``'s C-order bytes go, the int ``i`` (after its ``headers[i]``).
+
+    Consecutive bytes are joined: filling the slots gives :class:`Encoded` parts that write
+    exactly what :func:`write_tree` writes for the same dict of arrays.
+    """
+    parts: list = []
+    packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+    def emit(piece: Any) -> None:
+        if isinstance(piece, bytes) and parts and isinstance(parts[-1], bytes):
+            parts[-1] += piece
+        else:
+            parts.append(piece)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            emit(packer.pack_map_header(len(node)))
+            for key, value in node.items():
+                emit(packer.pack(key))
+                walk(value)
+        else:
+            emit(headers[node])
+            emit(node)
+
+    walk(skeleton)
+    return parts
+
+
 def _write_node(write: Callable[[Any], Any], packer: msgpack.Packer, node: Any,
                 path: str) -> None:
-    if node is None or isinstance(node, (bool, str, bytes)):
+    if isinstance(node, Encoded):
+        for part in node.parts:
+            write(part)
+    elif node is None or isinstance(node, (bool, str, bytes)):
         write(packer.pack(node))
     elif isinstance(node, int):
         if not -(2**63) <= node < 2**64:
@@ -132,6 +185,12 @@ def _write_node(write: Callable[[Any], Any], packer: msgpack.Packer, node: Any,
             write(packer.pack(key))
             _write_node(write, packer, value, f"{path}/{key}" if path else key)
     elif isinstance(node, (list, tuple)):
+        if all(type(value) in _PLAIN for value in node):  # (a history's lists): in one call
+            try:
+                write(packer.pack(node))
+                return
+            except OverflowError:  # an int beyond 64 bits: named below, with its path
+                pass
         write(packer.pack_array_header(len(node)))
         for i, value in enumerate(node):
             _write_node(write, packer, value, f"{path}/{i}" if path else str(i))

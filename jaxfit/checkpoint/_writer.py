@@ -62,25 +62,34 @@ def write_checkpoint(run_dir: Path, state: dict, *, seq: int, step: int, epoch: 
     to its final name, and the ``latest`` pointer is replaced. A crash at any point leaves a
     temporary directory that loading ignores, never a partial checkpoint under a real name.
     """
+    return _write_whole(run_dir, state, seq=seq, step=step, epoch=epoch,
+                        batch_in_epoch=batch_in_epoch, reason=reason, metrics=metrics,
+                        monitor=monitor, mode=mode, recipe=recipe, run_id=run_id)[0]
+
+
+def _write_whole(run_dir: Path, state: dict, *, seq: int, step: int, monitor: str | None = None,
+                 mode: str | None = None, recipe: dict | None = None, run_id: str | None = None,
+                 **fields: Any) -> tuple[Path, dict]:
+    """:func:`write_checkpoint`, returning the checkpoint's directory and manifest."""
     final = run_dir / _manifest.checkpoint_name(seq, step)
     tmp = run_dir / _io.tmp_name(final.name)
     tmp.mkdir()
     try:
         files = {_manifest.STATE_FILE: _io.write_file(
             tmp / _manifest.STATE_FILE, lambda f: _msgpack.write_tree(f, state))}
-        _commit(tmp, final, files, seq=seq, step=step, epoch=epoch,
-                batch_in_epoch=batch_in_epoch, reason=reason, metrics=metrics, monitor=monitor,
-                mode=mode, recipe=recipe, run_id=run_id)
+        manifest = _commit(tmp, final, files, seq=seq, step=step, monitor=monitor, mode=mode,
+                           recipe=recipe, run_id=run_id, **fields)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+    return final, manifest
 
 
-def _commit(tmp: Path, final: Path, files: dict[str, dict], **fields: Any) -> None:
+def _commit(tmp: Path, final: Path, files: dict[str, dict], **fields: Any) -> dict:
     """Writes the manifest of the files in ``tmp``, renames it to ``final`` and moves
-    ``latest`` to it: the instant the checkpoint becomes visible."""
-    payload = _manifest.manifest_bytes(_manifest.build_manifest(files=files, **fields))
+    ``latest`` to it: the instant the checkpoint becomes visible. Returns the manifest."""
+    manifest = _manifest.build_manifest(files=files, **fields)
+    payload = _manifest.manifest_bytes(manifest)
     if len(payload) > _manifest.MAX_MANIFEST_BYTES:  # readers refuse it: never publish it
         raise CheckpointError(
             f"the manifest of {final.name} would be {len(payload)} bytes, more than the "
@@ -88,7 +97,10 @@ def _commit(tmp: Path, final: Path, files: dict[str, dict], **fields: Any) -> No
             "leaves); the checkpoint was not written")
     _io.write_file(tmp / _manifest.MANIFEST_FILE, lambda f: f.write(payload))
     _io.publish_dir(tmp, final)
-    _io.replace_file(final.parent / _manifest.LATEST_FILE, (final.name + "\n").encode())
+    # For people and `jaxfit info` (loading picks the highest sequence): atomic, not fsynced.
+    _io.replace_file(final.parent / _manifest.LATEST_FILE, (final.name + "\n").encode(),
+                     durable=False)
+    return manifest
 
 
 def _shared_dir(run_dir: Path, peers: _sharded.Peers | None, save: int, name: str) -> Path:
@@ -119,7 +131,7 @@ def _shared_dir(run_dir: Path, peers: _sharded.Peers | None, save: int, name: st
 def write_sharded_checkpoint(run_dir: Path, state: dict, records: list,
                              leaves: tuple[dict | None, dict], *,
                              peers: _sharded.Peers | None, save: int, seq: int, step: int,
-                             **fields: Any) -> Path | None:
+                             **fields: Any) -> tuple[Path, dict] | None:
     """Writes this process's part of one sharded checkpoint; process 0 commits it.
 
     Every process streams its records into its own part file inside one temporary
@@ -128,7 +140,8 @@ def write_sharded_checkpoint(run_dir: Path, state: dict, records: list,
     and waits at a barrier; only after it does process 0 write the manifest and rename the
     directory into place. A kill of any process before that leaves the previous checkpoint
     the newest; every process reaches the barrier even when its own write failed, so no
-    other waits in vain. Returns the checkpoint's directory on process 0, else None.
+    other waits in vain. Returns the checkpoint's directory and manifest on process 0, else
+    None.
     """
     from jaxfit.checkpoint import _sharded  # jax: only a sharded save needs it
     index, count = (peers.index, peers.count) if peers else (0, 1)
@@ -161,12 +174,12 @@ def write_sharded_checkpoint(run_dir: Path, state: dict, records: list,
                                      _sharded.part_name(q, count)))
         sharded = {"process_count": count, "mesh": leaves[0], "leaves": leaves[1],
                    "parts": [_sharded.part_name(q, count) for q in range(count)]}
-        _commit(tmp, final, files, seq=seq, step=step, sharded=sharded, **fields)
+        manifest = _commit(tmp, final, files, seq=seq, step=step, sharded=sharded, **fields)
     except BaseException:
         if index == 0 and tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
+    return final, manifest
 
 
 def _peer_files(tmp: Path, q: int, told: dict, part: str) -> dict[str, dict]:
@@ -192,7 +205,9 @@ def _peer_files(tmp: Path, q: int, told: dict, part: str) -> dict[str, dict]:
 
 def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | None,
                     monitor: str | None, mode: str | None,
-                    protect: frozenset[str] = frozenset(), run_id: str | None = None) -> list[str]:
+                    protect: frozenset[str] = frozenset(), run_id: str | None = None,
+                    infos: list[_manifest.CheckpointInfo] | None = None,
+                    recipes: bool = True) -> list[str]:
     """Deletes the checkpoints retention does not keep, and recipes nothing refers to.
 
     Only checkpoints of this run are candidates (``run_id``, when given: manifests naming
@@ -200,8 +215,14 @@ def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | No
     known about it). A recipe is deleted only when no remaining readable checkpoint refers to
     it and it is not in ``protect`` (the recipe of the fit under way). Returns the names
     removed.
+
+    ``infos`` are the run directory's checkpoints when the caller knows them (the writer
+    that made them: it holds the directory's lock), else the directory is scanned.
+    ``recipes=False`` skips the search for recipes when no checkpoint was removed.
     """
-    infos = [i for i in _manifest.scan(run_dir) if i.manifest is not None]
+    if infos is None:
+        infos = _manifest.scan(run_dir)
+    infos = [i for i in infos if i.manifest is not None]
     ours = [i for i in infos if i.manifest is not None  # (all are: narrows the type)
             and (run_id is None or i.manifest.get("run_id") in (None, run_id))]
     entries = [_retention.Entry(i.name, i.seq, _retention.score_of(i.metrics, monitor))
@@ -210,8 +231,13 @@ def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | No
     removed = []
     for info in ours:
         if info.name not in keep:
-            _io.remove_dir(info.path)
+            try:
+                _io.remove_dir(info.path)
+            except FileNotFoundError:  # deleted by hand meanwhile: gone all the same
+                pass
             removed.append(info.name)
+    if not removed and not recipes:
+        return removed
     used = set(protect)
     for info in infos:
         if info.name not in removed and info.manifest is not None \
@@ -264,6 +290,7 @@ class RunWriter:
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._skipped: list[int] = []
+        self._known: list[_manifest.CheckpointInfo] | None = None
 
     def set_recipe(self, payload: bytes) -> None:
         """Stores the packed recipe of this fit; later checkpoints refer to it."""
@@ -323,18 +350,28 @@ class RunWriter:
                         self._skipped.append(job["step"])
                     return
                 job.update(got)
-            if self.sharded:
-                path = write_sharded_checkpoint(self.run_dir, **job)
-            else:
-                path = write_checkpoint(self.run_dir, **job)
-            if path is not None:  # process 0: the checkpoint is in place
-                protect = frozenset([self.recipe_ref["file"]]) if self.recipe_ref else frozenset()
-                apply_retention(self.run_dir, protect=protect, **self.retention)
-                self.stats.nbytes.append(sum(f.stat().st_size for f in path.iterdir()
-                                             if f.name != _manifest.MANIFEST_FILE))
+            written = (write_sharded_checkpoint(self.run_dir, **job) if self.sharded
+                       else _write_whole(self.run_dir, **job))
+            if written is not None:  # process 0: the checkpoint is in place
+                self._retain(*written)
             self.stats.write.append(time.perf_counter() - began)
         except BaseException as err:  # handed to the training thread by wait()/save()
             self._error = err
+
+    def _retain(self, path: Path, manifest: dict) -> None:
+        """Applies retention after the checkpoint ``path`` was written.
+
+        The directory is scanned once per writer; after that the writer knows its
+        checkpoints (it holds the directory's lock: nobody else adds any).
+        """
+        info = _manifest.CheckpointInfo(path, manifest["seq"], manifest)
+        first = self._known is None
+        known = _manifest.scan(self.run_dir) if self._known is None else [*self._known, info]
+        protect = frozenset([self.recipe_ref["file"]]) if self.recipe_ref else frozenset()
+        removed = set(apply_retention(self.run_dir, protect=protect, infos=known,
+                                      recipes=first, **self.retention))
+        self._known = [i for i in known if i.name not in removed]
+        self.stats.nbytes.append(sum(int(f["size"]) for f in manifest["files"].values()))
 
     def _raise_pending(self) -> None:
         if self._error is not None:

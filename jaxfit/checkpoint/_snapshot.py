@@ -1,0 +1,180 @@
+"""The device-side snapshot a checkpoint save takes of the engine state, and its host bytes.
+
+A save must not hold the training thread, yet the next step donates the state's buffers. So
+the save dispatches one program that copies the state on the devices and tests the train
+state for NaN/inf, and a background thread fetches the copy and writes it.
+
+On one process with an unsharded state, the program packs every array's bytes into one
+flat ``uint8`` buffer (the finiteness flag is its last byte), and the checkpoint's
+``train_state`` is encoded from it without walking the tree: a plan, made once per state
+layout, holds the msgpack bytes between the arrays (dict headers, keys, array headers) and
+each array's place in the buffer. Fetching is then one transfer, and encoding joins
+precomputed bytes with slices of that buffer: no Python work per leaf on the writer
+thread, which shares the interpreter lock with training. The bytes written are exactly
+those of ``write_tree(train_state_dict(state))``. Other states (several processes, a
+sharded state, a dtype the flat buffer cannot carry) keep a copy per leaf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfit import _state, _tree
+from jaxfit.checkpoint import _msgpack, _sharded
+
+# dtypes whose arrays the flat buffer carries as their bytes (a bitcast, or bool as uint8).
+_FLAT_DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                          "uint32", "uint64", "float16", "bfloat16", "float32", "float64"])
+
+
+def _finite(es: Any) -> jax.Array:
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(es.state)
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def _copy_leaves(es: Any) -> tuple[Any, jax.Array]:
+    copy = jax.tree_util.tree_map(jnp.copy, es)  # each copy keeps its input's sharding
+    return copy, _finite(es)
+
+
+def _as_bytes(x: jax.Array) -> jax.Array:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint8).reshape(-1)  # numpy's bools are the bytes 0 and 1
+    return jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(-1)
+
+
+# Compiled once per state layout. The flag is a 0-d array, replicated over any mesh.
+_copy_program = jax.jit(_copy_leaves)
+
+
+class _Plan:
+    """The encoding of one state layout's ``train_state``, made on the devices.
+
+    Its program returns one ``uint8`` buffer: the msgpack encoding of the state's nested
+    dict (the bytes between the arrays are constants of the program, the arrays' bytes are
+    copied in between), then one byte, 1 when the train state is finite.
+    """
+
+    def __init__(self, es: Any) -> None:
+        flat = jax.tree_util.tree_flatten_with_path(es)[0]
+        headers = []
+        for _, leaf in flat:
+            data = jax.random.key_data(leaf) if _tree._is_typed_key(leaf) else leaf
+            nbytes = int(np.prod(data.shape, dtype=np.int64)) * data.dtype.itemsize
+            headers.append(_msgpack.array_header(tuple(data.shape), data.dtype.name, nbytes))
+        parts = _msgpack.encode_skeleton(_tree.nest(flat, range(len(flat))), headers)
+        consts = [np.frombuffer(p, np.uint8) if isinstance(p, bytes) else p for p in parts]
+
+        def pack(es: Any) -> jax.Array:
+            leaves = jax.tree_util.tree_leaves(es)
+            chunks = [_as_bytes(leaves[p]) if isinstance(p, int) else jnp.asarray(p)
+                      for p in consts]
+            return jnp.concatenate([*chunks, _finite(es).astype(jnp.uint8).reshape(1)])
+
+        self.program = jax.jit(pack)
+
+
+def _flat_ok(leaves: list) -> bool:
+    devices = None
+    for leaf in leaves:
+        if not isinstance(leaf, jax.Array) or not leaf.is_fully_replicated:
+            return False
+        if devices is None:
+            devices = leaf.sharding.device_set
+        elif leaf.sharding.device_set != devices:
+            return False  # one program cannot read them all
+        dtype = leaf.dtype
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            continue  # its key data is uint32
+        if dtype.name not in _FLAT_DTYPES or leaf.nbytes > _msgpack.CHUNK_BYTES:
+            return False  # (an array over 1 GiB is written in flax's chunked form)
+    return True
+
+
+class Snapshot:
+    """A device-side copy of an engine state, dispatched at construction (not waited for).
+
+    Args:
+      es: the engine state to copy (the next donated step may reuse its buffers at once).
+      sharded: the copy is written as a sharded checkpoint (each process its own slices):
+        a copy per leaf, never packed.
+    """
+
+    _plans: dict[tuple, _Plan | None] = {}
+
+    def __init__(self, es: Any, *, sharded: bool = False) -> None:
+        leaves, treedef = jax.tree_util.tree_flatten(es)
+        key = (treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves)) \
+            if not sharded and jax.process_count() == 1 else None
+        plan = None
+        if key is not None:
+            if key not in self._plans:
+                if len(self._plans) >= 16:  # a run has one or two layouts: bound the cache
+                    self._plans.clear()
+                self._plans[key] = _Plan(es) if _flat_ok(leaves) else None
+            plan = self._plans[key]
+        self._plan = plan
+        if plan is not None:
+            self._flat: jax.Array | None = plan.program(es)
+            self._copy, self._flag = None, None
+        else:
+            self._flat = None
+            self._copy, self._flag = _copy_program(es)
+        self._buf: np.ndarray | None = None
+
+    @property
+    def packed(self) -> bool:
+        """Whether the arrays travel as one flat buffer (else a copy per leaf)."""
+        return self._plan is not None
+
+    def _fetched(self) -> np.ndarray:
+        if self._buf is None:
+            assert self._flat is not None
+            self._buf = np.asarray(self._flat)  # waits for the program; no copy on CPU
+        return self._buf
+
+    def finite(self) -> bool:
+        """Whether every float array of the train state is finite (waits for the copy)."""
+        if self._plan is not None:
+            return bool(self._fetched()[-1])
+        assert self._flag is not None
+        # A replicated scalar: every process takes the same decision.
+        return bool(np.asarray(self._flag.addressable_data(0)))
+
+    def train_state(self) -> Any:
+        """The ``train_state`` entry of the checkpoint's state: pre-encoded bytes, or the
+        copy's nested dict of host arrays (views of the copy: nothing donates it)."""
+        if self._plan is not None:
+            return _msgpack.Encoded([self._fetched()[:-1].data])  # one buffer: written as is
+        return _state.train_state_dict(self._copy)
+
+    def records(self) -> dict:
+        """The writer's entries for a sharded checkpoint: this process's records and the
+        leaves' metadata."""
+        assert self._copy is not None, "a packed snapshot is not sharded"
+        return {"records": _sharded.snapshot(self._copy, copy=False),
+                "leaves": _sharded.leaf_meta(self._copy)}
+
+
+def fetcher(snap: Snapshot, state: dict, sharded: bool) -> Callable[[], dict | None]:
+    """What the writer thread calls for the arrays of a save whose small rest is ``state``:
+    None when the snapshot holds NaN/inf (nothing is written)."""
+
+    def fetch() -> dict | None:
+        if not snap.finite():
+            return None
+        if sharded:
+            return snap.records()
+        whole = dict(state)
+        whole["train_state"] = snap.train_state()
+        return {"state": whole}
+
+    return fetch
