@@ -80,13 +80,22 @@ def run_jaxfit(
     class Timing(Callback):
         order = 10_000  # after every other callback: epoch time includes their work
 
+        def __init__(self):
+            self.settled = steps_per_execution == 1  # else: once fused-or-single is chosen
+
         def on_train_batch_end(self, trainer, logs):
             if clock.t_first is None:
                 jax.block_until_ready(logs["loss"])
                 clock.first_step()
 
         def on_epoch_end(self, trainer, logs):
-            clock.epoch_end()
+            # An epoch in which steps_per_execution was still timing its two ways (and
+            # compiling the second) is warm-up, like the first.
+            clock.epoch_end(warming_up=not self.settled)
+            self.settled = self.settled or "execution" in trainer.fit_config
+
+    if steps_per_execution > 1:  # room for those trials (6 executions) before the steady epochs
+        epochs += -(-6 * steps_per_execution // w.batches)
 
     clock.start()
     extra, missing = everyday_callbacks(w, epochs, workdir, checkpoint) if callbacks else ([], [])

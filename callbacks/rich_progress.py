@@ -214,8 +214,10 @@ class RichProgress(Callback):
         if "step" not in logs:  # the epoch's validation: shown in its epoch row
             return
         line = fmt.validation_line(trainer.step, self._max_steps, {k: v for k, v in logs.items() if k != "step"})
-        console = self._con if self._progress is None else self._progress.console
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
+        if self._progress is None:
+            self._print_line(line)
+        else:
+            self._progress.console.print(line, highlight=False, markup=False, soft_wrap=True)
 
     def on_epoch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         now = time.perf_counter()
@@ -227,8 +229,8 @@ class RichProgress(Callback):
         self._last = shown
         seconds = now - self._epoch_t0
         if self._progress is None:
-            line = fmt.epoch_line(trainer.epoch, self._epochs, shown, seconds, speed, self._batch)
-            self._con.print(line, highlight=False, markup=False, soft_wrap=True)
+            self._print_line(fmt.epoch_line(trainer.epoch, self._epochs, shown, seconds, speed,
+                                            self._batch))
             return
         done = trainer.step if self._by_steps else trainer.step - self._epoch_step0
         self._progress.update(self._task, completed=done)
@@ -278,6 +280,17 @@ class RichProgress(Callback):
         self._con.print(text, highlight=False, markup=False, soft_wrap=True)
 
     # -------------------------------------------------------------- helpers
+    def _print_line(self, line: str) -> None:
+        """Prints one plain line. To a pipe or a file (no terminal, nothing recorded) it is
+        written straight to the console's file: rich's rendering of a plain line costs
+        ~0.3 ms, more than the rest of an epoch boundary."""
+        con = self._con
+        if con.is_terminal or con.is_jupyter or con.record or con.quiet:
+            con.print(line, highlight=False, markup=False, soft_wrap=True)
+            return
+        con.file.write(line + "\n")
+        con.file.flush()
+
     @property
     def _con(self) -> Console:
         """The console of the fit under way (set by ``on_fit_start``)."""

@@ -42,7 +42,27 @@ def test_clock_refuses_a_run_without_a_measured_epoch():
     clock.start()
     clock.first_step()
     clock.epoch_end()
-    with pytest.raises(RuntimeError, match="need start, first step and >= 2 epochs"):
+    with pytest.raises(RuntimeError, match="need start, first step and >= 2 epoch ends"):
+        clock.result(steps_per_epoch=10, batch_size=4)
+
+
+def test_epochs_a_contender_calls_warm_up_are_left_out_of_steady_time(monkeypatch):
+    import benchmarks.measure as measure
+
+    now = iter([0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0])  # start, first step, 5 epoch ends
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(now))
+    clock = Clock()
+    clock.start()
+    clock.first_step()
+    clock.epoch_end()
+    clock.epoch_end(warming_up=True)  # 8 s: e.g. a second program compiled in that epoch
+    clock.epoch_end()
+    clock.epoch_end()
+    got = clock.result(steps_per_epoch=10, batch_size=4)
+    assert got["steps_per_s"] == 20 / 2.0 and got["warmup_epochs"] == 2
+    assert got["epoch_s"] == [1.0, 1.0]
+    clock.epoch_end(warming_up=True)
+    with pytest.raises(RuntimeError, match="4 of them warming up"):
         clock.result(steps_per_epoch=10, batch_size=4)
 
 

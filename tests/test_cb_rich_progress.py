@@ -74,6 +74,18 @@ def test_plain_mode_prints_one_line_per_epoch_and_a_summary():
     assert "first step (with compilation)" in lines[3]
 
 
+def test_plain_lines_written_straight_to_a_file_are_what_rich_prints(clock):
+    # A plain console's lines skip rich's rendering; a recording console renders them.
+    outputs = []
+    for record in (False, True):
+        out = io.StringIO()
+        console = Console(file=out, width=200, record=record)
+        fit(RichProgress(console=console), epochs=3)
+        outputs.append(out.getvalue())
+    assert outputs[0] == outputs[1]
+    assert outputs[0].count("\n") == 5 and outputs[0].startswith("Epoch 1/3 - ")
+
+
 def test_live_mode_prints_a_table_row_per_epoch_and_a_summary():
     console, out = live_console()
     assert console.is_terminal
