@@ -79,9 +79,11 @@ def test_a_dtype_the_flat_buffer_cannot_carry_keeps_a_copy_per_leaf():
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_a_non_finite_train_state_is_seen_by_either_path(packed):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_a_non_finite_train_state_is_seen_by_either_path(packed, dtype):
     extra = {} if packed else {"i4": jnp.zeros((2,), jnp.int4)}
-    es = _engine(w=jnp.array([1.0, jnp.inf], jnp.float32), **extra)
+    # (a float outside the train state, such as a hyperparameter scale, is not tested)
+    es = _engine(b=jnp.ones((3,), jnp.float32), w=jnp.array([1.0, jnp.nan, 2.0], dtype), **extra)
     snap = Snapshot(es)
     assert snap.packed is packed and not snap.finite()
     assert fetcher(snap, {"step": 1}, sharded=False)() is None

@@ -1,18 +1,18 @@
 """The device-side snapshot a checkpoint save takes of the engine state, and its host bytes.
 
 A save must not hold the training thread, yet the next step donates the state's buffers. So
-the save dispatches one program that copies the state on the devices and tests the train
-state for NaN/inf, and a background thread fetches the copy and writes it.
+the save dispatches one program that copies the state on the devices, and a background
+thread fetches the copy, tests the train state for NaN/inf and writes it.
 
-On one process with an unsharded state, the program packs every array's bytes into one
-flat ``uint8`` buffer (the finiteness flag is its last byte), and the checkpoint's
-``train_state`` is encoded from it without walking the tree: a plan, made once per state
-layout, holds the msgpack bytes between the arrays (dict headers, keys, array headers) and
-each array's place in the buffer. Fetching is then one transfer, and encoding joins
-precomputed bytes with slices of that buffer: no Python work per leaf on the writer
-thread, which shares the interpreter lock with training. The bytes written are exactly
-those of ``write_tree(train_state_dict(state))``. Other states (several processes, a
-sharded state, a dtype the flat buffer cannot carry) keep a copy per leaf.
+On one process with an unsharded state, the program returns the checkpoint's
+``train_state`` already encoded: one ``uint8`` buffer holding the msgpack encoding of the
+state's nested dict, the bytes between the arrays (dict headers, keys, array headers) being
+constants of the program, made once per state layout. Fetching is then one transfer and
+writing one buffer: no Python work per leaf on the writer thread, which shares the
+interpreter lock with training. The bytes are exactly those of
+``write_tree(train_state_dict(state))``. Other states (several processes, a sharded state,
+a dtype the buffer cannot carry) keep a copy per leaf and a finiteness flag computed on
+the devices (every process must take the same decision).
 """
 
 from __future__ import annotations
@@ -60,26 +60,44 @@ class _Plan:
 
     Its program returns one ``uint8`` buffer: the msgpack encoding of the state's nested
     dict (the bytes between the arrays are constants of the program, the arrays' bytes are
-    copied in between), then one byte, 1 when the train state is finite.
+    copied in between). The writer thread tests the train state's float arrays for NaN/inf
+    in that buffer (``checked``: offset, count, dtype): a test per leaf on the devices would
+    make the program slow to compile for a state of many leaves.
     """
 
     def __init__(self, es: Any) -> None:
         flat = jax.tree_util.tree_flatten_with_path(es)[0]
-        headers = []
+        headers, sizes, data = [], [], []
         for _, leaf in flat:
-            data = jax.random.key_data(leaf) if _tree._is_typed_key(leaf) else leaf
-            nbytes = int(np.prod(data.shape, dtype=np.int64)) * data.dtype.itemsize
-            headers.append(_msgpack.array_header(tuple(data.shape), data.dtype.name, nbytes))
+            arr = jax.random.key_data(leaf) if _tree._is_typed_key(leaf) else leaf
+            nbytes = int(np.prod(arr.shape, dtype=np.int64)) * arr.dtype.itemsize
+            headers.append(_msgpack.array_header(tuple(arr.shape), arr.dtype.name, nbytes))
+            sizes.append(nbytes)
+            data.append(arr)
         parts = _msgpack.encode_skeleton(_tree.nest(flat, range(len(flat))), headers)
+        offsets, at = {}, 0
+        for p in parts:
+            if isinstance(p, int):
+                offsets[p] = at
+            at += sizes[p] if isinstance(p, int) else len(p)
+        self.checked = [
+            (offsets[i], int(np.prod(data[i].shape, dtype=np.int64)), np.dtype(data[i].dtype))
+            for i, (path, _) in enumerate(flat)
+            if path and _tree._key_name(path[0]) == "state"
+            and jnp.issubdtype(data[i].dtype, jnp.inexact) and sizes[i]]
         consts = [np.frombuffer(p, np.uint8) if isinstance(p, bytes) else p for p in parts]
 
         def pack(es: Any) -> jax.Array:
             leaves = jax.tree_util.tree_leaves(es)
-            chunks = [_as_bytes(leaves[p]) if isinstance(p, int) else jnp.asarray(p)
-                      for p in consts]
-            return jnp.concatenate([*chunks, _finite(es).astype(jnp.uint8).reshape(1)])
+            return jnp.concatenate([_as_bytes(leaves[p]) if isinstance(p, int)
+                                    else jnp.asarray(p) for p in consts])
 
         self.program = jax.jit(pack)
+
+    def finite(self, buf: np.ndarray) -> bool:
+        """Whether the train state's float arrays in the fetched ``buf`` are all finite."""
+        return all(bool(np.isfinite(np.frombuffer(buf, dtype, count, offset)).all())
+                   for offset, count, dtype in self.checked)
 
 
 def _flat_ok(leaves: list) -> bool:
@@ -112,7 +130,8 @@ class Snapshot:
 
     def __init__(self, es: Any, *, sharded: bool = False) -> None:
         leaves, treedef = jax.tree_util.tree_flatten(es)
-        key = (treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves)) \
+        key = (treedef, tuple((getattr(leaf, "shape", None), getattr(leaf, "dtype", None))
+                              for leaf in leaves)) \
             if not sharded and jax.process_count() == 1 else None
         plan = None
         if key is not None:
@@ -144,7 +163,7 @@ class Snapshot:
     def finite(self) -> bool:
         """Whether every float array of the train state is finite (waits for the copy)."""
         if self._plan is not None:
-            return bool(self._fetched()[-1])
+            return self._plan.finite(self._fetched())
         assert self._flag is not None
         # A replicated scalar: every process takes the same decision.
         return bool(np.asarray(self._flag.addressable_data(0)))
@@ -153,7 +172,7 @@ class Snapshot:
         """The ``train_state`` entry of the checkpoint's state: pre-encoded bytes, or the
         copy's nested dict of host arrays (views of the copy: nothing donates it)."""
         if self._plan is not None:
-            return _msgpack.Encoded([self._fetched()[:-1].data])  # one buffer: written as is
+            return _msgpack.Encoded([self._fetched().data])  # one buffer: written as is
         return _state.train_state_dict(self._copy)
 
     def records(self) -> dict:
