@@ -1,0 +1,129 @@
+"""What a checkpoint every epoch costs on W1, and where: the writer thread's CPU per save.
+
+W1's epoch lasts ~13 ms, so a ModelCheckpoint every epoch weighs on it more than on any other
+workload. This runs W1 with the everyday callbacks, with and without ModelCheckpoint,
+alternating in one process (``--reps`` pairs), and reports per epoch (medians over the
+epochs after the first ``--skip``):
+
+- ``epoch ms``: wall time from one epoch's end to the next;
+- ``steps ms``: from the epoch's first to its last step callback (the steps' own pace, which
+  the writer thread slows down when it holds the interpreter lock);
+- ``boundary ms``: from an epoch's last step callback to the next epoch's first (metric
+  fetch, epoch-end callbacks, the checkpoint's snapshot, one step);
+- for the checkpoint run, ModelCheckpoint's ``stats`` (``blocking``, ``write``: medians) and
+  the writer thread's user and system CPU per save (``getrusage(RUSAGE_THREAD)``, Linux:
+  means, as the kernel counts them in clock ticks).
+
+    python -m benchmarks.checkpoint_epoch                  # 3 pairs of 40 epochs
+    python -m benchmarks.checkpoint_epoch --reps 5 --epochs 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+
+
+def _median_ms(values) -> float:
+    return 1000 * statistics.median(values) if values else float("nan")
+
+
+def run_once(checkpoint: bool, epochs: int, skip: int) -> dict:
+    import jaxfit.checkpoint._writer as writer_module
+    from benchmarks.jaxfit_contender import everyday_callbacks
+    from benchmarks.workloads import WORKLOADS
+    from jaxfit import Callback, Trainer
+
+    w = WORKLOADS["W1"]
+    cpu: list[tuple[float, float]] = []
+    real_run = writer_module.RunWriter._run
+
+    def timed_run(self, job):  # on the writer thread
+        before = resource.getrusage(resource.RUSAGE_THREAD)
+        try:
+            return real_run(self, job)
+        finally:
+            after = resource.getrusage(resource.RUSAGE_THREAD)
+            cpu.append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime))
+
+    class Marks(Callback):
+        order = 10_000
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+            self.epochs: list[list[float]] = []
+            self.current: list[float] = []
+
+        def on_train_batch_end(self, trainer, logs) -> None:
+            self.current.append(time.perf_counter())
+
+        def on_epoch_end(self, trainer, logs) -> None:
+            self.ends.append(time.perf_counter())
+            self.epochs.append(self.current)
+            self.current = []
+
+    marks = Marks()
+    with tempfile.TemporaryDirectory() as workdir:
+        callbacks, _ = everyday_callbacks(w, epochs, workdir, checkpoint=checkpoint)
+        trainer = Trainer(optimizer=w.make_optimizer(inject=True, constant=True),
+                          loss="softmax_cross_entropy", seed=0)
+        writer_module.RunWriter._run = timed_run
+        try:
+            with redirect_stdout(io.StringIO()):  # RichProgress's lines
+                trainer.fit(w.make_model(), w.data(), epochs=epochs, batch_size=w.batch_size,
+                            callbacks=[*callbacks, marks], verbose=0)
+        finally:
+            writer_module.RunWriter._run = real_run
+    ends, per = marks.ends[skip:], marks.epochs[skip:]
+    out = {
+        "epoch ms": _median_ms([b - a for a, b in zip(ends, ends[1:])]),
+        "steps ms": _median_ms([e[-1] - e[0] for e in per[1:]]),
+        "boundary ms": _median_ms([b[0] - a[-1] for a, b in zip(per, per[1:])]),
+    }
+    saver = next((c for c in callbacks if type(c).__name__ == "ModelCheckpoint"), None)
+    if saver is not None:
+        out["blocking ms"] = _median_ms(saver.stats.blocking[skip:])
+        out["write ms"] = _median_ms(saver.stats.write[skip:])
+        # Means: the kernel counts a thread's CPU time in clock ticks, so single saves read
+        # 0 or a whole tick; the mean over many saves is the cost per save.
+        out["writer user ms"] = 1000 * statistics.fmean([u for u, _ in cpu[skip:]])
+        out["writer sys ms"] = 1000 * statistics.fmean([s for _, s in cpu[skip:]])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=3, help="pairs of runs (without, with)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--skip", type=int, default=5, help="first epochs left out")
+    args = p.parse_args(argv)
+    rows: dict[str, list[dict]] = {"without ModelCheckpoint": [], "with ModelCheckpoint": []}
+    for rep in range(args.reps):
+        for label, checkpoint in (("without ModelCheckpoint", False), ("with ModelCheckpoint", True)):
+            got = run_once(checkpoint, args.epochs, args.skip)
+            rows[label].append(got)
+            print(f"rep {rep + 1} {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()),
+                  file=sys.stderr, flush=True)
+    print(f"\n`python -m benchmarks.checkpoint_epoch --reps {args.reps} --epochs {args.epochs}`: "
+          "W1 with the everyday callbacks, medians over epochs, then over repetitions "
+          "(min-max)\n")
+    keys = list(rows["with ModelCheckpoint"][0])
+    print("| run | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for label, runs in rows.items():
+        cells = []
+        for k in keys:
+            vals = [r[k] for r in runs if k in r]
+            cells.append(f"{statistics.median(vals):.2f} ({min(vals):.2f}-{max(vals):.2f})"
+                         if vals else "")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
