@@ -59,9 +59,9 @@ class ModelCheckpoint(Callback):
     continues the run with nothing else.
 
     Saving blocks training only to dispatch a device-side copy of the arrays (the next
-    donated step cannot clobber it; one program that also tests them for NaN/inf) and to
-    copy the small rest; fetching the copy to the host, serializing, checksumming, fsyncing
-    and the atomic rename happen in a background thread. The devices hold that second copy
+    donated step cannot clobber it) and to copy the small rest; fetching the copy to the
+    host, testing it for NaN/inf, serializing, checksumming, fsyncing and the atomic rename
+    happen in a background thread. The devices hold that second copy
     of the state until its write is done. A state with a sharded array is written as a
     sharded checkpoint: each process writes its own slices (see docs/scaling.md). A kill at
     any instant leaves every earlier checkpoint loadable. When fit is stopped by SIGTERM (preemption) or Ctrl-C,
@@ -357,9 +357,10 @@ class ModelCheckpoint(Callback):
         dispatched = time.perf_counter()
         self.stats.device_wait.append(dispatched - start)
         # Dispatched, not waited for: one program makes a device-side copy of the arrays
-        # (the next step donates the live ones) and their finiteness flag. The writer thread
-        # waits for it, fetches the copy (whole, or this process's own slices for a sharded
-        # checkpoint) and writes it; here only the small rest is copied.
+        # (the next step donates the live ones; see jaxfit/checkpoint/_snapshot.py). The
+        # writer thread waits for it, fetches the copy (whole, or this process's own slices
+        # for a sharded checkpoint), tests it for NaN/inf and writes it; here only the small
+        # rest is copied.
         snap = Snapshot(es, sharded=self._write_shards)
         state = _owned_copy(_state.meta_dict(trainer))
         copy_seconds = time.perf_counter() - dispatched

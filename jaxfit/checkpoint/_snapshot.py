@@ -51,7 +51,8 @@ def _as_bytes(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(-1)
 
 
-# Compiled once per state layout. The flag is a 0-d array, replicated over any mesh.
+# The copy per leaf, compiled once per state layout. The flag is a 0-d array, replicated
+# over any mesh.
 _copy_program = jax.jit(_copy_leaves)
 
 
@@ -81,7 +82,7 @@ class _Plan:
                 offsets[p] = at
             at += sizes[p] if isinstance(p, int) else len(p)
         self.checked = [
-            (offsets[i], int(np.prod(data[i].shape, dtype=np.int64)), np.dtype(data[i].dtype))
+            (offsets[i], sizes[i] // data[i].dtype.itemsize, np.dtype(data[i].dtype))
             for i, (path, _) in enumerate(flat)
             if path and _tree._key_name(path[0]) == "state"
             and jnp.issubdtype(data[i].dtype, jnp.inexact) and sizes[i]]
