@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import resource
 import statistics
 import sys
@@ -29,12 +30,23 @@ import tempfile
 import time
 from contextlib import redirect_stdout
 
+_WRITERS: dict[str, bool | str] = {"process": True, "thread": "thread"}
+
 
 def _median_ms(values) -> float:
     return 1000 * statistics.median(values) if values else float("nan")
 
 
-def run_once(checkpoint: bool, epochs: int, skip: int) -> dict:
+def _process_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds process ``pid`` has used (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def run_once(checkpoint: bool, epochs: int, skip: int, background: bool | str = True,
+             spare: int | None = None) -> dict:
     import jaxfit.checkpoint._writer as writer_module
     from benchmarks.jaxfit_contender import everyday_callbacks
     from benchmarks.workloads import WORKLOADS
@@ -44,10 +56,10 @@ def run_once(checkpoint: bool, epochs: int, skip: int) -> dict:
     cpu: list[tuple[float, float]] = []
     real_run = writer_module.RunWriter._run
 
-    def timed_run(self, job):  # on the writer thread
+    def timed_run(self, *args):  # on the writer thread
         before = resource.getrusage(resource.RUSAGE_THREAD)
         try:
-            return real_run(self, job)
+            return real_run(self, *args)
         finally:
             after = resource.getrusage(resource.RUSAGE_THREAD)
             cpu.append((after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime))
@@ -59,6 +71,7 @@ def run_once(checkpoint: bool, epochs: int, skip: int) -> dict:
             self.ends: list[float] = []
             self.epochs: list[list[float]] = []
             self.current: list[float] = []
+            self.child_cpu: list[tuple[float, float]] = []
 
         def on_train_batch_end(self, trainer, logs) -> None:
             self.current.append(time.perf_counter())
@@ -67,10 +80,19 @@ def run_once(checkpoint: bool, epochs: int, skip: int) -> dict:
             self.ends.append(time.perf_counter())
             self.epochs.append(self.current)
             self.current = []
+            if trainer.epoch in (skip, epochs):  # the writer process's CPU, if there is one
+                saver = next((c for c in callbacks if type(c).__name__ == "ModelCheckpoint"),
+                             None)
+                child = getattr(getattr(saver, "_writer", None), "_child", None)
+                if child is not None:
+                    self.child_cpu.append(_process_cpu(child._proc.pid))
+                    if spare is not None and trainer.epoch == skip:
+                        os.sched_setaffinity(child._proc.pid, {spare})
 
     marks = Marks()
     with tempfile.TemporaryDirectory() as workdir:
-        callbacks, _ = everyday_callbacks(w, epochs, workdir, checkpoint=checkpoint)
+        callbacks, _ = everyday_callbacks(w, epochs, workdir, checkpoint=checkpoint,
+                                          background=background)
         trainer = Trainer(optimizer=w.make_optimizer(inject=True, constant=True),
                           loss="softmax_cross_entropy", seed=0)
         writer_module.RunWriter._run = timed_run
@@ -94,6 +116,10 @@ def run_once(checkpoint: bool, epochs: int, skip: int) -> dict:
         # 0 or a whole tick; the mean over many saves is the cost per save.
         out["writer user ms"] = 1000 * statistics.fmean([u for u, _ in cpu[skip:]])
         out["writer sys ms"] = 1000 * statistics.fmean([s for _, s in cpu[skip:]])
+        if len(marks.child_cpu) == 2:  # the writer process, per save (one an epoch)
+            (u0, s0), (u1, s1) = marks.child_cpu
+            out["process user ms"] = 1000 * (u1 - u0) / (epochs - skip)
+            out["process sys ms"] = 1000 * (s1 - s0) / (epochs - skip)
     return out
 
 
@@ -102,18 +128,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=3, help="pairs of runs (without, with)")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--skip", type=int, default=5, help="first epochs left out")
+    p.add_argument("--writers", default="process,thread",
+                   help="ModelCheckpoint's writers to compare: process (the default "
+                        "background=True), thread (background='thread')")
+    p.add_argument("--spare-core", action="store_true",
+                   help="train on one CPU and give the writer process another (Linux): what "
+                        "the writer costs where training leaves a core free")
     args = p.parse_args(argv)
-    rows: dict[str, list[dict]] = {"without ModelCheckpoint": [], "with ModelCheckpoint": []}
+    spare = None
+    if args.spare_core:  # training on the first CPU, the writer process alone on the last
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[0]})
+        spare = cpus[-1]
+    variants = {"without ModelCheckpoint": (False, True)}
+    for writer in args.writers.split(","):
+        variants[f"with ModelCheckpoint ({writer})"] = (True, _WRITERS[writer])
+    rows: dict[str, list[dict]] = {label: [] for label in variants}
     for rep in range(args.reps):
-        for label, checkpoint in (("without ModelCheckpoint", False), ("with ModelCheckpoint", True)):
-            got = run_once(checkpoint, args.epochs, args.skip)
+        for label, (checkpoint, background) in variants.items():
+            got = run_once(checkpoint, args.epochs, args.skip, background, spare)
             rows[label].append(got)
             print(f"rep {rep + 1} {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()),
                   file=sys.stderr, flush=True)
-    print(f"\n`python -m benchmarks.checkpoint_epoch --reps {args.reps} --epochs {args.epochs}`: "
+    print(f"\n`python -m benchmarks.checkpoint_epoch --reps {args.reps} --epochs {args.epochs} "
+          f"--writers {args.writers}{' --spare-core' if args.spare_core else ''}`: "
           "W1 with the everyday callbacks, medians over epochs, then over repetitions "
           "(min-max)\n")
-    keys = list(rows["with ModelCheckpoint"][0])
+    keys = list(dict.fromkeys(k for runs in rows.values() for k in runs[0]))
     print("| run | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for label, runs in rows.items():

@@ -23,9 +23,11 @@ EVERYDAY = ("RichProgress", "ModelCheckpoint", "LRScheduler")
 
 
 def everyday_callbacks(
-    w: Workload, epochs: int, workdir: str, checkpoint: bool = True
+    w: Workload, epochs: int, workdir: str, checkpoint: bool = True,
+    background: bool | str = True,
 ) -> tuple[list, list[str]]:
-    """The everyday callbacks this checkout has, and the names of those it lacks."""
+    """The everyday callbacks this checkout has, and the names of those it lacks
+    (``background``: ModelCheckpoint's writer)."""
     import optax
 
     import jaxfit.callbacks as cbs
@@ -40,7 +42,7 @@ def everyday_callbacks(
         elif name == "RichProgress":
             made.append(cls(live=False))
         elif name == "ModelCheckpoint":
-            made.append(cls(os.path.join(workdir, "run")))
+            made.append(cls(os.path.join(workdir, "run"), background=background))
         else:
             total = epochs * w.batches
             made.append(cls(w.schedule() or optax.cosine_decay_schedule(w.learning_rate, total)))

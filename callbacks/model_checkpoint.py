@@ -96,7 +96,10 @@ class ModelCheckpoint(Callback):
         keep_best: how many of the best checkpoints to keep on top of them (None: all scored).
         max_data_bytes: store the training data in the recipe up to this size (see
             docs/checkpoints.md); larger data has to be passed again with ``fit(data=...)``.
-        background: write in a background thread (False: write inline, for measurements).
+        background: write in the background (False: inline, for measurements). On Linux a
+            whole checkpoint is written by a writer process, so that its file work does not
+            hold the interpreter lock the training loop needs; ``"thread"`` keeps it in a
+            thread of this process (as a sharded checkpoint and other systems always do).
 
     Attributes:
         stats: ``SaveStats`` of this fit: how long each save blocked training and how long
@@ -123,7 +126,8 @@ class ModelCheckpoint(Callback):
                  every_n_steps: int | None = None, every_n_seconds: float | None = None,
                  keep_last: int | None = 3, keep_best: int | None = 1, *,
                  check_on: str = "epoch",
-                 max_data_bytes: int = DEFAULT_MAX_DATA_BYTES, background: bool = True) -> None:
+                 max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+                 background: bool | str = True) -> None:
         owner = type(self).__name__
         self.check_on = check_check_on(owner, check_on)
         if not isinstance(directory, (str, os.PathLike)):
@@ -140,6 +144,10 @@ class ModelCheckpoint(Callback):
         if keep_best is not None:
             check_count(owner, "keep_best", keep_best)
         check_count(owner, "max_data_bytes", max_data_bytes)
+        if background not in (True, False, "thread"):
+            raise ConfigError(f"{owner}: background must be True (a writer process where "
+                              "possible), 'thread' or False (write inline), got "
+                              f"background = {background!r}")
         if every_n_seconds is not None and check_number(owner, "every_n_seconds",
                                                         every_n_seconds) == 0:
             raise ConfigError(f"{owner}: every_n_seconds must be positive or None, got 0")
@@ -222,7 +230,7 @@ class ModelCheckpoint(Callback):
             if not self._write_shards:
                 return  # replicated state: process 0 writes it whole
             self._writer = RunWriter(self.directory, keep_last=None, keep_best=None,
-                                     monitor=None, mode=None, background=self.background,
+                                     monitor=None, mode=None, background=bool(self.background),
                                      run_id=trainer.run_id, sharded=True)
             self._start_writing(trainer)
             return
@@ -239,8 +247,10 @@ class ModelCheckpoint(Callback):
         try:
             self._writer = RunWriter(self.directory, keep_last=self.keep_last,
                                      keep_best=self.keep_best, monitor=self.monitor,
-                                     mode=self._mode, background=self.background,
-                                     run_id=trainer.run_id, sharded=self._write_shards)
+                                     mode=self._mode, background=bool(self.background),
+                                     run_id=trainer.run_id, sharded=self._write_shards,
+                                     process=self.background is True and jax.process_count() == 1,
+                                     lock_fd=self._lock.fileno() if self._lock else None)
             self._writer.set_recipe(payload)
         except OSError as err:
             self._writer = None
@@ -293,7 +303,6 @@ class ModelCheckpoint(Callback):
             if self._writer is not None:
                 self._finish(trainer, logs)
         finally:
-            self._writer = None
             self._release()  # only once every write is on disk (or failed)
 
     def _finish(self, trainer: Trainer, logs: dict[str, Any]) -> None:
@@ -306,7 +315,7 @@ class ModelCheckpoint(Callback):
                     else "fit_end"
                 self._save(trainer, reason)
             assert self._writer is not None  # on_fit_end finishes only with a writer
-            self._writer.wait()
+            self._writer.close()
             self._report_skipped()
         except Exception as err:
             if not failed:
@@ -318,6 +327,14 @@ class ModelCheckpoint(Callback):
         self._release()
 
     def _release(self) -> None:
+        # The writer (and its process, which holds a copy of the lock) ends first. One left
+        # by a fit that failed: its writes' errors went with that fit.
+        writer, self._writer = getattr(self, "_writer", None), None
+        if writer is not None:
+            try:
+                writer.close()
+            except CheckpointError:
+                pass
         lock, self._lock = getattr(self, "_lock", None), None
         if lock is not None:
             lock.release()

@@ -5,7 +5,9 @@ Usage: python tests/ckpt_worker.py MODE RUN_DIR OUT [STEP]
   kill   train with checkpoints; SIGKILL itself at step STEP once the writer is idle
   kill_epoch  the same at the end of epoch STEP
   race   train with checkpoints, writes slowed down; SIGKILL itself at step STEP while
-         the step-STEP checkpoint is being written
+         the step-STEP checkpoint is being written (by the writer process, whose pid goes
+         into the file CKPT_CHILD_PID_FILE)
+  race_thread  the same with ModelCheckpoint(background="thread")
   term   train with checkpoints; SIGTERM itself at step STEP (expects exit status 143)
   resume Trainer.load(RUN_DIR).fit(), dump to OUT
   hold   train with checkpoints (no kill)
@@ -62,9 +64,19 @@ class Killer(Callback):
                 if cb._writer is not None:
                     cb._writer.wait()
         if self.mid_write_in is not None:
-            # The background writer may not have created its temporary directory yet: wait
-            # for it (the slowed write then holds it for seconds), so the kill lands mid-write.
+            # The writes before this step's are on disk (with a writer process, one save may
+            # be queued behind another); this step's may not have created its temporary
+            # directory yet: wait for it (the slowed write then holds it for seconds), so the
+            # kill lands mid-write.
             import time
+
+            for cb in trainer.callbacks.find(ModelCheckpoint):
+                for thread, _ in cb._writer._threads[:-1]:
+                    thread.join()
+                child = cb._writer._child
+                if child is not None:  # for the test: it must die with this process
+                    with open(os.environ["CKPT_CHILD_PID_FILE"], "w") as f:
+                        f.write(str(child._proc.pid))
 
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not any(
@@ -149,8 +161,13 @@ def main(mode, run_dir, out, step=None):
         trainer = Trainer.load(run_dir, mesh=mesh())
         dump(trainer, trainer.fit(), out)
         return
-    if mode == "race":
-        slow_down_writes()
+    if mode.startswith("race"):
+        slow_down_writes()  # in this process, for the writer thread of "race_thread"
+        # ... and in the writer process, which loads tests/slow_writes/sitecustomize.py
+        here = os.path.dirname(os.path.abspath(__file__))
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [os.path.join(here, "slow_writes"), os.environ.get("PYTHONPATH", "")])
+        os.environ["CKPT_SLOW_WRITES"] = "1"
     train, val = data()
     trainer = Trainer(optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=0.02),
                       metrics=["accuracy"], seed=3, mesh=mesh())
@@ -163,13 +180,14 @@ def main(mode, run_dir, out, step=None):
                  EarlyStopping(monitor="val_loss", patience=2, min_delta=1e3)]
     if mode != "full":
         callbacks.append(ModelCheckpoint(run_dir, monitor="val_loss", every_n_steps=5,
-                                         keep_last=2, keep_best=1))
+                                         keep_last=2, keep_best=1,
+                                         background="thread" if mode == "race_thread" else True))
         callbacks.append(Hold())
         if mode != "hold":
             sig = signal.SIGTERM if mode == "term" else signal.SIGKILL
             callbacks.append(Killer(int(step), sig, wait=mode.startswith("kill"),
                                     epoch_end=mode == "kill_epoch",
-                                    mid_write_in=run_dir if mode == "race" else None))
+                                    mid_write_in=run_dir if mode.startswith("race") else None))
     history = trainer.fit(Net(), train, validation_data=val, epochs=EPOCHS, batch_size=16,
                           callbacks=callbacks)
     dump(trainer, history, out)

@@ -78,17 +78,28 @@ def test_a_dtype_the_flat_buffer_cannot_carry_keeps_a_copy_per_leaf():
     assert tree["state"]["packed4"].dtype == jnp.int4 and tree["state"]["w"].tolist() == [1] * 4
 
 
+@pytest.mark.parametrize("process", [True, False])
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_a_non_finite_train_state_is_seen_by_either_path(packed, dtype):
+def test_a_non_finite_train_state_is_seen_by_either_path(tmp_path, packed, dtype, process):
     extra = {} if packed else {"i4": jnp.zeros((2,), jnp.int4)}
     # (a float outside the train state, such as a hyperparameter scale, is not tested)
     es = _engine(b=jnp.ones((3,), jnp.float32), w=jnp.array([1.0, jnp.nan, 2.0], dtype), **extra)
     snap = Snapshot(es)
     assert snap.packed is packed and not snap.finite()
-    assert fetcher(snap, {"step": 1}, sharded=False)() is None
     ok = Snapshot(_engine(w=jnp.ones((2,), jnp.float32), **extra))
-    assert ok.finite() and fetcher(ok, {"step": 1}, sharded=False)() is not None
+    assert ok.finite()
+    # Tested where the file is written: by the writer process, or the writer thread.
+    writer = RunWriter(tmp_path, keep_last=3, keep_best=0, monitor=None, mode=None,
+                       process=process)
+    assert (writer._child is not None) is process
+    meta = {"format": 1, "train_state": {}, "step": 1}
+    for step, s in ((1, snap), (2, ok)):
+        writer.save(meta, fetch=fetcher(s, meta, sharded=False), step=step, epoch=1,
+                    batch_in_epoch=0, reason="epoch", metrics={})
+    writer.close()
+    assert writer.take_skipped() == [1]
+    assert [p.name for p in tmp_path.glob("ckpt-*")] == ["ckpt-000002-step2"]
 
 
 def test_a_written_packed_checkpoint_reads_back_bit_for_bit(tmp_path):

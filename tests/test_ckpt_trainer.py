@@ -306,10 +306,26 @@ def test_a_failed_write_stops_fit_with_a_checkpoint_error(tmp_path, data, monkey
         raise OSError(28, "No space left on device")
 
     run = tmp_path / "run"
-    monkeypatch.setattr(_msgpack, "write_tree", disk_full)
+    monkeypatch.setattr(_msgpack, "write_tree", disk_full)  # in this process: the thread's
     with pytest.raises(CheckpointError, match=r"failed: \[Errno 28\] No space left on device"):
         make_trainer().fit(MLP(), data, epochs=3, batch_size=16,
-                           callbacks=[ModelCheckpoint(run)])
+                           callbacks=[ModelCheckpoint(run, background="thread")])
+    assert not _names(run) and not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_write_failing_in_the_writer_process_stops_fit_with_its_error(tmp_path, data):
+    from jaxfit import Callback
+    from jaxfit.checkpoint import CheckpointError
+
+    class Huge(Callback):  # a state msgpack cannot hold: the writer process's encoder fails
+        def state_dict(self):
+            return {"n": 2**70}
+
+    run = tmp_path / "run"
+    saver = ModelCheckpoint(run)
+    with pytest.raises(CheckpointError, match=r"failed: integer at .* does not fit in 64 bits"):
+        make_trainer().fit(MLP(), data, epochs=3, batch_size=16, callbacks=[saver, Huge()])
+    assert saver._writer is None  # closed: its process has ended
     assert not _names(run) and not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
 
 

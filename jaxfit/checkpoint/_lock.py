@@ -30,6 +30,19 @@ except ImportError:  # pragma: no cover - Windows: no flock; one writer is the u
 
 LOCK_FILE = "writer.lock"
 _MAX_INFO_BYTES = 4096
+# How long a lock whose recorded holder is dead may stay taken (by that holder's dying
+# checkpoint writer process) before a new writer is refused.
+_DEAD_HOLDER_GRACE = 10.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 # Locks this process holds, by (st_dev, st_ino) of the lock file: flock conflicts between two
 # open files of one process too, and this tells "another trainer of this process writes
@@ -126,9 +139,7 @@ class RunLock:
             held = _HELD.get(key)
             if held is not None:
                 held._refuse_or_give_up(path, owner, trainer, who)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not cls._take(fd, run_dir):
                 raise RunLockedError(cls._busy_message(run_dir, who)) from None
             lock = cls(path, fd, key, owner, trainer)
             _HELD[key] = lock
@@ -144,6 +155,28 @@ class RunLock:
                 "system or choose another directory (nothing was trained yet)"
             ) from err
         return lock
+
+    @staticmethod
+    def _take(fd: int, run_dir: Path) -> bool:
+        """flock without waiting, except for a holder that has just died: its checkpoint
+        writer process (which holds a copy of the lock, see ``_child``) is killed with it and
+        lets go within moments."""
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            if deadline is None:
+                holder = read_holder(run_dir)
+                if not (holder.get("host") == socket.gethostname()
+                        and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])):
+                    return False
+                deadline = time.monotonic() + _DEAD_HOLDER_GRACE
+            elif time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
 
     @staticmethod
     def _busy_message(run_dir: Path, who: str) -> str:
@@ -198,6 +231,11 @@ class RunLock:
         os.ftruncate(self._fd, 0)
         if os.pwrite(self._fd, data, 0) != len(data):
             raise OSError(28, "short write (no space left on device?)")
+
+    def fileno(self) -> int | None:
+        """The lock file's descriptor while held (None without flock): a process given a
+        copy keeps the directory locked until it ends too."""
+        return self._fd
 
     @property
     def held(self) -> bool:

@@ -17,9 +17,10 @@ follow it, and any malformed, truncated or oversized input raises
 from __future__ import annotations
 
 import math
+import pickle
 import struct
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, SupportsIndex
 
 import msgpack
 import numpy as np
@@ -113,6 +114,12 @@ class Encoded:
 
     def __init__(self, parts: list) -> None:
         self.parts = parts
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple:
+        # To the checkpoint writer process (pickle protocol 5): the buffers travel out of
+        # band, as their raw bytes, and arrive as bytearrays.
+        return (Encoded, ([pickle.PickleBuffer(p) if isinstance(p, memoryview) else p
+                           for p in self.parts],))
 
 
 # Scalars msgpack encodes exactly as ``_write_node`` does, one at a time or in a list.

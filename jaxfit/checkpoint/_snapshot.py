@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxfit import _state, _tree
 from jaxfit.checkpoint import _msgpack, _sharded
+from jaxfit.checkpoint._writer import finite_in
 
 # dtypes whose arrays the flat buffer carries as their bytes (a bitcast, or bool as uint8).
 _FLAT_DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
@@ -95,10 +96,6 @@ class _Plan:
 
         self.program = jax.jit(pack)
 
-    def finite(self, buf: np.ndarray) -> bool:
-        """Whether the train state's float arrays in the fetched ``buf`` are all finite."""
-        return all(bool(np.isfinite(np.frombuffer(buf, dtype, count, offset)).all())
-                   for offset, count, dtype in self.checked)
 
 
 def _flat_ok(leaves: list) -> bool:
@@ -164,7 +161,7 @@ class Snapshot:
     def finite(self) -> bool:
         """Whether every float array of the train state is finite (waits for the copy)."""
         if self._plan is not None:
-            return self._plan.finite(self._fetched())
+            return finite_in(_msgpack.Encoded([self._fetched()]), self._plan.checked)
         assert self._flag is not None
         # A replicated scalar: every process takes the same decision.
         return bool(np.asarray(self._flag.addressable_data(0)))
@@ -186,15 +183,22 @@ class Snapshot:
 
 def fetcher(snap: Snapshot, state: dict, sharded: bool) -> Callable[[], dict | None]:
     """What the writer thread calls for the arrays of a save whose small rest is ``state``:
-    None when the snapshot holds NaN/inf (nothing is written)."""
+    None when the snapshot holds NaN/inf (nothing is written).
+
+    A packed snapshot is not tested here: its job carries ``check`` (the train state's float
+    arrays in the buffer), tested where the file is written (``_writer.perform``, in the
+    writer process when there is one), off the training process's interpreter lock.
+    """
 
     def fetch() -> dict | None:
+        if snap.packed:
+            assert snap._plan is not None
+            return {"state": {**state, "train_state": snap.train_state()},
+                    "check": snap._plan.checked}
         if not snap.finite():
             return None
         if sharded:
             return snap.records()
-        whole = dict(state)
-        whole["train_state"] = snap.train_state()
-        return {"state": whole}
+        return {"state": {**state, "train_state": snap.train_state()}}
 
     return fetch

@@ -13,12 +13,16 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jaxfit.checkpoint import _io, _manifest, _msgpack, _retention
+import numpy as np
+
+from jaxfit.checkpoint import _child, _io, _manifest, _msgpack, _retention
 from jaxfit.checkpoint._errors import CheckpointError
 from jaxfit.checkpoint._recipe import write_recipe
 
@@ -250,6 +254,51 @@ def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | No
     return removed
 
 
+class Known:
+    """A run directory's checkpoints as their writer knows them; retention after each write.
+
+    The directory is scanned at the first write; after that the writer adds what it writes
+    (it holds the directory's lock: nobody else adds any). Lives where the files are
+    written: in the writer thread's ``RunWriter``, or in the writer process.
+    """
+
+    def __init__(self, run_dir: Path, *, keep_last: int | None, keep_best: int | None,
+                 monitor: str | None, mode: str | None, run_id: str | None) -> None:
+        self.run_dir = run_dir
+        self.retention: dict[str, Any] = dict(keep_last=keep_last, keep_best=keep_best,
+                                              monitor=monitor, mode=mode, run_id=run_id)
+        self._infos: list[_manifest.CheckpointInfo] | None = None
+
+    def retain(self, path: Path, manifest: dict) -> int:
+        """Applies retention after the checkpoint ``path`` was written; returns its size."""
+        info = _manifest.CheckpointInfo(path, manifest["seq"], manifest)
+        first = self._infos is None
+        known = _manifest.scan(self.run_dir) if self._infos is None else [*self._infos, info]
+        recipe = manifest.get("recipe")  # the fit's own recipe: never deleted under it
+        protect = frozenset([recipe["file"]]) if isinstance(recipe, dict) else frozenset()
+        removed = set(apply_retention(self.run_dir, protect=protect, infos=known,
+                                      recipes=first, **self.retention))
+        self._infos = [i for i in known if i.name not in removed]
+        return sum(int(f["size"]) for f in manifest["files"].values())
+
+
+def finite_in(encoded: _msgpack.Encoded, checked: list[tuple[int, int, Any]]) -> bool:
+    """Whether the float arrays at ``checked`` (offset, count, dtype) of a pre-encoded
+    train state's one buffer are all finite."""
+    (buf,) = encoded.parts
+    return all(bool(np.isfinite(np.frombuffer(buf, dtype, count, offset)).all())
+               for offset, count, dtype in checked)
+
+
+def perform(known: Known, job: dict) -> int | None:
+    """Writes one whole checkpoint job and applies retention: the checkpoint's size, or
+    None when the job's ``check`` found NaN/inf (nothing written)."""
+    check = job.pop("check", None)
+    if check is not None and not finite_in(job["state"]["train_state"], check):
+        return None
+    return known.retain(*_write_whole(known.run_dir, **job))
+
+
 class RunWriter:
     """Saves the checkpoints of one fit into ``run_dir``, in a background thread or inline.
 
@@ -262,14 +311,21 @@ class RunWriter:
         several processes, every process has a sharded writer and saves at the same points;
         process 0 owns the run directory (cleanup, ``latest``, retention), the others only
         add their part files to each checkpoint.
+      process: in the background, write whole checkpoints in a writer process
+        (``_child``, Linux) rather than in the writer thread, whose Python work holds the
+        interpreter lock the training loop needs. Sharded checkpoints keep the thread.
+      lock_fd: the run lock's file descriptor, held by the writer process too (the
+        directory stays locked until it has ended).
 
     The caller holds the run directory's writer lock (see ``RunLock``): the writer assumes
     no other process writes there.
+    End it with :meth:`close` before releasing that lock.
     """
 
     def __init__(self, run_dir: Path, *, keep_last: int | None, keep_best: int | None,
                  monitor: str | None, mode: str | None, background: bool = True,
-                 run_id: str | None = None, sharded: bool = False) -> None:
+                 run_id: str | None = None, sharded: bool = False, process: bool = False,
+                 lock_fd: int | None = None) -> None:
         self.run_dir = run_dir
         self.retention: dict[str, Any] = dict(keep_last=keep_last, keep_best=keep_best,
                                               monitor=monitor, mode=mode, run_id=run_id)
@@ -286,14 +342,23 @@ class RunWriter:
             _io.remove_stale_tmp(run_dir)
             existing = [_manifest.parse_name(p.name) for p in run_dir.iterdir()]
             self._next_seq = 1 + max((p[0] for p in existing if p), default=0)
-        self._thread: threading.Thread | None = None
+        # The saves under way, oldest first: each one's thread and its job's "sent" event.
+        self._threads: list[tuple[threading.Thread, threading.Event]] = []
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._skipped: list[int] = []
-        self._known: list[_manifest.CheckpointInfo] | None = None
+        self._known = Known(run_dir, **self.retention)
+        self._child: _child.WriterProcess | None = None
+        if process and background and not sharded and _child.SUPPORTED:
+            self._child = _child.WriterProcess(run_dir, self.retention, lock_fd)
+            # A writer dropped without close() (a fit that never reached its end) ends its
+            # child when it is collected.
+            self._finalizer = weakref.finalize(self, self._child.close)
 
     def set_recipe(self, payload: bytes) -> None:
-        """Stores the packed recipe of this fit; later checkpoints refer to it."""
+        """Stores the packed recipe of this fit; later checkpoints refer to it. Waits for
+        the writes under way first: their retention keeps only the recipes it knows of."""
+        self.wait()
         self.recipe_ref = write_recipe(self.run_dir, payload)
 
     def save(self, state: dict, *, copy_seconds: float = 0.0,
@@ -312,7 +377,12 @@ class RunWriter:
         :meth:`take_skipped`).
         """
         start = time.perf_counter()
-        self.wait()  # one write at a time; also re-raises a failed previous write
+        # One write at a time, or with a writer process one more queued behind it (its
+        # snapshot waits in memory); also re-raises a failed earlier write.
+        depth = 2 if self._child is not None else 1
+        while len(self._threads) >= depth:
+            self._threads.pop(0)[0].join()
+        self._raise_pending()
         if fetch is None and self.sharded != (shards is not None):
             raise ValueError(f"a {'sharded' if self.sharded else 'whole'} RunWriter was given "
                              f"{'no ' if shards is None else ''}shard records")
@@ -323,12 +393,15 @@ class RunWriter:
         if self.sharded:
             job.update(peers=self.peers, save=self._saves)
             self._saves += 1  # the same count on every process: it names the save for the peers
+        sent = threading.Event()
         if self.background:
-            self._thread = threading.Thread(target=self._run, args=(job,),
-                                            name="jaxfit-checkpoint-writer", daemon=False)
-            self._thread.start()
+            prev = self._threads[-1] if self._threads else None
+            thread = threading.Thread(target=self._run, args=(job, prev, sent),
+                                      name="jaxfit-checkpoint-writer", daemon=False)
+            thread.start()
+            self._threads.append((thread, sent))
         else:
-            self._run(job)
+            self._run(job, None, sent)
             self._raise_pending()
         self.stats.blocking.append(copy_seconds + time.perf_counter() - start)
         self.stats.copy.append(copy_seconds)
@@ -339,39 +412,68 @@ class RunWriter:
             out, self._skipped = self._skipped, []
         return out
 
-    def _run(self, job: dict) -> None:
+    def _run(self, job: dict, prev: tuple[threading.Thread, threading.Event] | None,
+             sent: threading.Event) -> None:
+        """One save, on its writer thread. With a writer process, ``prev`` is the save
+        before (still under way, or None): this one's job is sent after that one's, and its
+        reply read after that one's; ``sent`` is set once this job is sent (or never will be)."""
         began = time.perf_counter()
         try:
             fetch = job.pop("fetch")
             if fetch is not None:
                 got = fetch()
                 if got is None:
-                    with self._lock:
-                        self._skipped.append(job["step"])
+                    self._skip(job["step"])
                     return
                 job.update(got)
-            written = (write_sharded_checkpoint(self.run_dir, **job) if self.sharded
-                       else _write_whole(self.run_dir, **job))
-            if written is not None:  # process 0: the checkpoint is in place
-                self._retain(*written)
+            if self.sharded:
+                written = write_sharded_checkpoint(self.run_dir, **job)
+                if written is not None:  # process 0: the checkpoint is in place
+                    self.stats.nbytes.append(self._known.retain(*written))
+                self.stats.write.append(time.perf_counter() - began)
+                return
+            child = self._child
+            if child is not None:
+                if prev is not None:
+                    prev[1].wait()
+                if not child.send(job):
+                    child = None
+            sent.set()
+            if prev is not None:
+                prev[0].join()  # its reply comes first (and its fallback, if the child died)
+            nbytes = self._write(job, child)
+            if nbytes is None:
+                self._skip(job["step"])
+                return
+            self.stats.nbytes.append(nbytes)
             self.stats.write.append(time.perf_counter() - began)
         except BaseException as err:  # handed to the training thread by wait()/save()
             self._error = err
+        finally:
+            sent.set()
 
-    def _retain(self, path: Path, manifest: dict) -> None:
-        """Applies retention after the checkpoint ``path`` was written.
+    def _write(self, job: dict, child: _child.WriterProcess | None) -> int | None:
+        """Writes a whole checkpoint: the writer process's reply to the job sent to
+        ``child``, else here. Its size, or None when its arrays held NaN/inf."""
+        if child is not None and child is self._child:
+            reply = child.receive()
+            if reply is not None:
+                if "error" in reply:
+                    raise reply["error"]
+                return None if reply.get("skipped") else int(reply["nbytes"])
+        if self._child is not None:
+            # Out of memory, or killed by hand: the job is still here, and so is the lock.
+            # Write it (and the rest of the fit) from this thread.
+            gone, self._child = self._child, None
+            self._known = Known(self.run_dir, **self.retention)  # rescans the directory
+            warnings.warn(f"ModelCheckpoint: the checkpoint writer process {gone.status()}; "
+                          "this and later checkpoints are written by a thread of the "
+                          "training process", RuntimeWarning, stacklevel=2)
+        return perform(self._known, job)
 
-        The directory is scanned once per writer; after that the writer knows its
-        checkpoints (it holds the directory's lock: nobody else adds any).
-        """
-        info = _manifest.CheckpointInfo(path, manifest["seq"], manifest)
-        first = self._known is None
-        known = _manifest.scan(self.run_dir) if self._known is None else [*self._known, info]
-        protect = frozenset([self.recipe_ref["file"]]) if self.recipe_ref else frozenset()
-        removed = set(apply_retention(self.run_dir, protect=protect, infos=known,
-                                      recipes=first, **self.retention))
-        self._known = [i for i in known if i.name not in removed]
-        self.stats.nbytes.append(sum(int(f["size"]) for f in manifest["files"].values()))
+    def _skip(self, step: int) -> None:
+        with self._lock:
+            self._skipped.append(step)
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -382,11 +484,21 @@ class RunWriter:
             ) from err
 
     def wait(self) -> None:
-        """Blocks until the write under way (if any) is on disk; re-raises its error."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Blocks until the writes under way (if any) are on disk; re-raises an error."""
+        while self._threads:
+            self._threads.pop(0)[0].join()
         self._raise_pending()
+
+    def close(self) -> None:
+        """Waits for the write under way, then ends the writer process (if any); re-raises
+        a failed write's error. The run lock may be released after this, not before."""
+        try:
+            self.wait()
+        finally:
+            child, self._child = self._child, None
+            if child is not None:
+                self._finalizer.detach()
+                child.close()
 
 
 def _peers() -> _sharded.Peers | None:
