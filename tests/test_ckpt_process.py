@@ -163,3 +163,26 @@ def test_a_lock_whose_recorded_holder_died_is_waited_for_not_refused(tmp_path):
         alive.kill()
         alive.wait()
         alive.stdout.close()
+
+
+def test_the_writer_process_is_told_to_end_even_when_another_process_holds_its_pipe(
+        tmp_path, data):
+    # A process forked during the fit (a data loader's workers) holds a copy of the pipe's
+    # writing end, so the writer process would never see it close: it is told to end.
+    held = {}
+
+    class CopyPipe(Callback):
+        order = 300
+
+        def on_epoch_end(self, trainer, logs):
+            if not held:
+                writer = trainer.callbacks.find(ModelCheckpoint)[0]._writer
+                held["proc"] = writer._child._proc
+                held["fd"] = os.dup(writer._child._out)
+
+    try:
+        make_trainer().fit(MLP(), data, epochs=2, batch_size=16, verbose=0,
+                           callbacks=[ModelCheckpoint(tmp_path / "run"), CopyPipe()])
+        assert held["proc"].returncode == 0  # ended by itself, not killed after a timeout
+    finally:
+        os.close(held["fd"])

@@ -35,6 +35,7 @@ from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 _NICE = 10
+_STOP = "jaxfit-writer-stop"  # the message that ends the child
 _IOV_MAX = 512  # pieces per writev (the system's IOV_MAX is at least 1024)
 SUPPORTED = sys.platform.startswith("linux")
 
@@ -96,11 +97,15 @@ class WriterProcess:
                 "from jaxfit.checkpoint._child import main; main()")
         fds = (lock_fd,) if lock_fd is not None else ()
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", code, root, str(os.getpid()), str(lock_fd)],
+            [sys.executable, "-c", code, root, str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=fds, close_fds=True)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._out, self._in = self._proc.stdin.fileno(), self._proc.stdout.fileno()
-        _send(self._out, {"run_dir": str(run_dir), "retention": retention})
+        try:
+            _send(self._out, {"run_dir": str(run_dir), "retention": retention})
+        except OSError:  # it could not start
+            self.close()
+            raise
 
     def send(self, job: dict) -> bool:
         """Sends one job (on a writer thread, one at a time); False when the child is gone."""
@@ -132,6 +137,9 @@ class WriterProcess:
         """Ends the child once its last reply is in (idempotent)."""
         if self._proc.poll() is None:
             try:
+                # Told, not left to see the end of the pipe: a process forked meanwhile
+                # (a data loader's workers) may hold a copy of this end.
+                _send(self._out, {_STOP: True})
                 self._proc.stdin.close()  # type: ignore[union-attr]
                 self._proc.wait(timeout=30)
             except (OSError, subprocess.TimeoutExpired):
@@ -154,8 +162,7 @@ def _die_with_parent(parent: int) -> None:
 
 def main() -> None:
     """The child's loop: one reply per job, until the training process closes the pipe."""
-    parent, lock_fd = int(sys.argv[2]), sys.argv[3]
-    _die_with_parent(parent)
+    _die_with_parent(int(sys.argv[2]))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     # Below training on contended CPUs: a write that falls behind makes the next save wait
@@ -163,13 +170,15 @@ def main() -> None:
     os.nice(_NICE)
     from jaxfit.checkpoint import _writer
 
-    src, dst = sys.stdin.fileno(), sys.stdout.fileno()
-    sys.stdout = sys.stderr  # nothing printed may corrupt the replies
+    # Replies go to a copy of the pipe; the usual descriptor 1 becomes stderr, so nothing
+    # printed (by Python or by a library) can corrupt them.
+    src, dst = sys.stdin.fileno(), os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     config = _receive(src)
     if config is None:
         return
     known = _writer.Known(Path(config["run_dir"]), **config["retention"])
-    while (job := _receive(src)) is not None:
+    while (job := _receive(src)) is not None and _STOP not in job:
         began = time.perf_counter()
         try:
             nbytes = _writer.perform(known, job)
@@ -178,7 +187,7 @@ def main() -> None:
         except BaseException as err:  # handed to the trainer, which raises it at its next save
             reply = {"error": _picklable(err)}
         _send(dst, reply)
-    del lock_fd  # the inherited lock descriptor closes with the process
+    # (The run lock's inherited descriptor closes with the process.)
 
 
 def _picklable(err: BaseException) -> BaseException:

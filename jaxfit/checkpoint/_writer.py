@@ -350,10 +350,16 @@ class RunWriter:
         self._known = Known(run_dir, **self.retention)
         self._child: _child.WriterProcess | None = None
         if process and background and not sharded and _child.SUPPORTED:
-            self._child = _child.WriterProcess(run_dir, self.retention, lock_fd)
-            # A writer dropped without close() (a fit that never reached its end) ends its
-            # child when it is collected.
-            self._finalizer = weakref.finalize(self, self._child.close)
+            try:
+                self._child = _child.WriterProcess(run_dir, self.retention, lock_fd)
+            except OSError as err:  # no usable interpreter to start (a frozen program?)
+                warnings.warn(f"ModelCheckpoint: cannot start a checkpoint writer process "
+                              f"({err}); checkpoints are written by a thread of the training "
+                              "process", RuntimeWarning, stacklevel=3)
+            else:
+                # A writer dropped without close() (a fit that never reached its end) ends
+                # its child when it is collected.
+                self._finalizer = weakref.finalize(self, self._child.close)
 
     def set_recipe(self, payload: bytes) -> None:
         """Stores the packed recipe of this fit; later checkpoints refer to it. Waits for
@@ -469,6 +475,9 @@ class RunWriter:
             warnings.warn(f"ModelCheckpoint: the checkpoint writer process {gone.status()}; "
                           "this and later checkpoints are written by a thread of the "
                           "training process", RuntimeWarning, stacklevel=2)
+        done = self.run_dir / _manifest.checkpoint_name(job["seq"], job["step"])
+        if done.is_dir():  # published by the writer process just before it died
+            return sum(f.stat().st_size for f in done.iterdir() if f.name != _manifest.MANIFEST_FILE)
         return perform(self._known, job)
 
     def _skip(self, step: int) -> None:
