@@ -30,7 +30,7 @@ import tempfile
 import time
 from contextlib import redirect_stdout
 
-_WRITERS: dict[str, bool | str] = {"process": True, "thread": "thread"}
+_WRITERS: dict[str, bool | str] = {"process": "process", "thread": True}
 
 
 def _median_ms(values) -> float:
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--skip", type=int, default=5, help="first epochs left out")
     p.add_argument("--writers", default="process,thread",
-                   help="ModelCheckpoint's writers to compare: process (the default "
-                        "background=True), thread (background='thread')")
+                   help="ModelCheckpoint's writers to compare: process "
+                        "(background='process'), thread (the default background=True)")
     p.add_argument("--spare-core", action="store_true",
                    help="train on one CPU and give the writer process another (Linux): what "
                         "the writer costs where training leaves a core free")

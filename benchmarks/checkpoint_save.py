@@ -50,7 +50,7 @@ class EpochClock(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def one_run(width: int, background: bool | None, steps: int, every: int) -> dict:
+def one_run(width: int, background: bool | str | None, steps: int, every: int) -> dict:
     """Two epochs of ``steps`` steps; ``background`` None trains without ModelCheckpoint."""
     rng = np.random.default_rng(0)
     x = rng.random((steps * 32, 784), np.float32)
@@ -58,7 +58,8 @@ def one_run(width: int, background: bool | None, steps: int, every: int) -> dict
     clock = EpochClock()
     with tempfile.TemporaryDirectory() as tmp:
         cb = ModelCheckpoint(Path(tmp) / "run", every_n_epochs=None, every_n_steps=every,
-                             keep_last=2, keep_best=0, background=bool(background),
+                             keep_last=2, keep_best=0,
+                             background=True if background is None else background,
                              max_data_bytes=0)
         callbacks = [clock] if background is None else [cb, clock]
         trainer = Trainer(optimizer=optax.inject_hyperparams(optax.adam)(learning_rate=1e-3))
@@ -82,13 +83,13 @@ def main() -> None:
     print(f"{'state':>8} {'mode':>10} {'blocked/save':>13} {'of it copy':>11} {'write/save':>11} "
           f"{'device wait':>12} {'epoch time vs none':>19}")
     for width in args.widths:
-        runs: dict = {None: [], True: [], False: []}
+        runs: dict = {None: [], True: [], "process": [], False: []}
         for _ in range(args.repeats):
-            for mode in (None, True, False):  # interleaved: the machine's noise hits all three
+            for mode in runs:  # interleaved: the machine's noise hits them all
                 runs[mode].append(one_run(width, mode, args.steps, args.every))
         base = [r["epoch2"] for r in runs[None]]
         nbytes = runs[True][0]["nbytes"]
-        for mode, label in ((True, "background"), (False, "inline")):
+        for mode, label in ((True, "background"), ("process", "process"), (False, "inline")):
             rs = runs[mode]
             blocked = med([b for r in rs for b in r["blocked"]])
             write = med([w for r in rs for w in r["write"]])

@@ -96,10 +96,11 @@ class ModelCheckpoint(Callback):
         keep_best: how many of the best checkpoints to keep on top of them (None: all scored).
         max_data_bytes: store the training data in the recipe up to this size (see
             docs/checkpoints.md); larger data has to be passed again with ``fit(data=...)``.
-        background: write in the background (False: inline, for measurements). On Linux a
-            whole checkpoint is written by a writer process, so that its file work does not
-            hold the interpreter lock the training loop needs; ``"thread"`` keeps it in a
-            thread of this process (as a sharded checkpoint and other systems always do).
+        background: write in the background, in a thread of this process (True or
+            ``"thread"``); ``"process"``: on Linux, a whole checkpoint is written by a writer
+            process, whose file work does not hold the interpreter lock the training loop
+            needs (sharded checkpoints and other systems keep the thread); False: inline,
+            for measurements. See docs/checkpoints.md, "Cost", for when each is faster.
 
     Attributes:
         stats: ``SaveStats`` of this fit: how long each save blocked training and how long
@@ -144,10 +145,10 @@ class ModelCheckpoint(Callback):
         if keep_best is not None:
             check_count(owner, "keep_best", keep_best)
         check_count(owner, "max_data_bytes", max_data_bytes)
-        if background not in (True, False, "thread"):
-            raise ConfigError(f"{owner}: background must be True (a writer process where "
-                              "possible), 'thread' or False (write inline), got "
-                              f"background = {background!r}")
+        if background not in (True, False, "thread", "process"):
+            raise ConfigError(f"{owner}: background must be True or 'thread' (a writer "
+                              "thread), 'process' (a writer process, on Linux) or False "
+                              f"(write inline), got background = {background!r}")
         if every_n_seconds is not None and check_number(owner, "every_n_seconds",
                                                         every_n_seconds) == 0:
             raise ConfigError(f"{owner}: every_n_seconds must be positive or None, got 0")
@@ -249,7 +250,8 @@ class ModelCheckpoint(Callback):
                                      keep_best=self.keep_best, monitor=self.monitor,
                                      mode=self._mode, background=bool(self.background),
                                      run_id=trainer.run_id, sharded=self._write_shards,
-                                     process=self.background is True and jax.process_count() == 1,
+                                     process=self.background == "process"
+                                     and jax.process_count() == 1,
                                      lock_fd=self._lock.fileno() if self._lock else None)
             self._writer.set_recipe(payload)
         except OSError as err:

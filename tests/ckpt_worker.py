@@ -5,8 +5,8 @@ Usage: python tests/ckpt_worker.py MODE RUN_DIR OUT [STEP]
   kill   train with checkpoints; SIGKILL itself at step STEP once the writer is idle
   kill_epoch  the same at the end of epoch STEP
   race   train with checkpoints, writes slowed down; SIGKILL itself at step STEP while
-         the step-STEP checkpoint is being written (by the writer process, whose pid goes
-         into the file CKPT_CHILD_PID_FILE)
+         the step-STEP checkpoint is being written (by the writer process of
+         background="process", whose pid goes into the file CKPT_CHILD_PID_FILE)
   race_thread  the same with ModelCheckpoint(background="thread")
   term   train with checkpoints; SIGTERM itself at step STEP (expects exit status 143)
   resume Trainer.load(RUN_DIR).fit(), dump to OUT
@@ -181,7 +181,8 @@ def main(mode, run_dir, out, step=None):
     if mode != "full":
         callbacks.append(ModelCheckpoint(run_dir, monitor="val_loss", every_n_steps=5,
                                          keep_last=2, keep_best=1,
-                                         background="thread" if mode == "race_thread" else True))
+                                         background="thread" if mode == "race_thread"
+                                         else "process" if mode == "race" else True))
         callbacks.append(Hold())
         if mode != "hold":
             sig = signal.SIGTERM if mode == "term" else signal.SIGKILL

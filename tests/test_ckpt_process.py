@@ -58,28 +58,28 @@ def _gone(pid):
 def test_the_writer_process_writes_the_bytes_the_thread_writes_and_ends_with_the_fit(
         tmp_path, data):
     runs = {}
-    for background in (True, "thread"):
+    for background in ("process", "thread"):
         run = tmp_path / str(background)
         seen = AtEpoch(0, lambda pid: None)
         make_trainer().fit(MLP(), data, epochs=3, batch_size=16, verbose=0,
                            callbacks=[ModelCheckpoint(run, keep_last=None, background=background),
                                       seen])
         runs[background] = run
-        if background is True:
+        if background == "process":
             assert None not in seen.pids and len(set(seen.pids)) == 1  # one process per fit
             assert _gone(seen.pids[0])  # ended by the fit's end
         else:
             assert seen.pids == [None] * 3
-    assert _names(runs[True]) == _names(runs["thread"]) == [
+    assert _names(runs["process"]) == _names(runs["thread"]) == [
         "ckpt-000001-step5", "ckpt-000002-step10", "ckpt-000003-step15"]
-    for name in _names(runs[True]):
-        a = decode_state((runs[True] / name / "state.msgpack").read_bytes())
+    for name in _names(runs["process"]):
+        a = decode_state((runs["process"] / name / "state.msgpack").read_bytes())
         b = decode_state((runs["thread"] / name / "state.msgpack").read_bytes())
         # (the run ids, and ModelCheckpoint's state key naming its directory, differ)
         assert _bytes(a["train_state"]) == _bytes(b["train_state"])
         for key in ("step", "epoch", "batch_in_epoch", "rng", "history"):
             assert _bytes(a[key]) == _bytes(b[key])
-    resumed = Trainer.load(runs[True])
+    resumed = Trainer.load(runs["process"])
     assert resumed.epoch == 3
 
 
@@ -94,7 +94,8 @@ def test_the_writer_process_ignores_the_signals_a_terminal_sends_the_process_gro
 
     run = tmp_path / "run"
     make_trainer().fit(MLP(), data, epochs=4, batch_size=16, verbose=0,
-                       callbacks=[ModelCheckpoint(run, keep_last=None), AtEpoch(1, signal_it)])
+                       callbacks=[ModelCheckpoint(run, keep_last=None, background="process"),
+                                  AtEpoch(1, signal_it)])
     assert _names(run) == ["ckpt-000001-step5", "ckpt-000002-step10", "ckpt-000003-step15",
                            "ckpt-000004-step20"]
     _, manifest, _ = read_checkpoint(run / "ckpt-000004-step20")
@@ -107,7 +108,8 @@ def test_a_killed_writer_process_is_replaced_by_the_thread_with_a_warning(tmp_pa
     with pytest.warns(RuntimeWarning, match=r"writer process was killed by signal 9; this and "
                                             r"later checkpoints are written by a thread"):
         make_trainer().fit(MLP(), data, epochs=4, batch_size=16, verbose=0,
-                           callbacks=[ModelCheckpoint(run, keep_last=2), killer])
+                           callbacks=[ModelCheckpoint(run, keep_last=2, background="process"),
+                                      killer])
     # The save the process may have dropped was written by the thread: nothing is missing,
     # and retention (rescanned) still keeps the newest two.
     assert killer.pids[2:] == [None, None]
@@ -182,7 +184,8 @@ def test_the_writer_process_is_told_to_end_even_when_another_process_holds_its_p
 
     try:
         make_trainer().fit(MLP(), data, epochs=2, batch_size=16, verbose=0,
-                           callbacks=[ModelCheckpoint(tmp_path / "run"), CopyPipe()])
+                           callbacks=[ModelCheckpoint(tmp_path / "run", background="process"),
+                                      CopyPipe()])
         assert held["proc"].returncode == 0  # ended by itself, not killed after a timeout
     finally:
         os.close(held["fd"])

@@ -322,7 +322,7 @@ def test_a_write_failing_in_the_writer_process_stops_fit_with_its_error(tmp_path
             return {"n": 2**70}
 
     run = tmp_path / "run"
-    saver = ModelCheckpoint(run)
+    saver = ModelCheckpoint(run, background="process")
     with pytest.raises(CheckpointError, match=r"failed: integer at .* does not fit in 64 bits"):
         make_trainer().fit(MLP(), data, epochs=3, batch_size=16, callbacks=[saver, Huge()])
     assert saver._writer is None  # closed: its process has ended
