@@ -4,10 +4,10 @@ A background writer thread shares Python's interpreter lock with the training lo
 Python work (the manifest, ~25 system calls each retaking the lock, retention) holds up a
 dispatch-bound loop: on a small model that was most of what a checkpoint every epoch cost.
 So with ``ModelCheckpoint(background="process")``, on Linux, :class:`RunWriter` hands each
-whole (unsharded, one-process) checkpoint to a child process instead: the writer thread of the training process only fetches the snapshot
-and sends it down a pipe; the child tests it for NaN/inf, writes, fsyncs, renames and
-applies retention, exactly as the thread would (the same ``_writer`` functions), and
-replies.
+whole (unsharded, one-process) checkpoint to a child process instead: the writer thread
+of the training process only fetches the snapshot and sends it down a pipe; the child tests
+it for NaN/inf, writes, fsyncs, renames and applies retention, exactly as the thread would
+(the same ``_writer`` functions), and replies.
 
 The child can never outlive its trainer: it asks the kernel for SIGKILL when the thread
 that started it ends (``PR_SET_PDEATHSIG``), and it holds a copy of the run lock's file

@@ -35,15 +35,6 @@ _MAX_INFO_BYTES = 4096
 _DEAD_HOLDER_GRACE = 10.0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
 # Locks this process holds, by (st_dev, st_ino) of the lock file: flock conflicts between two
 # open files of one process too, and this tells "another trainer of this process writes
 # there" from "this trainer's previous fit ended without on_fit_end". Weak: a lock whose
@@ -171,7 +162,8 @@ class RunLock:
             if deadline is None:
                 holder = read_holder(run_dir)
                 if not (holder.get("host") == socket.gethostname()
-                        and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])):
+                        and isinstance(holder.get("pid"), int)
+                        and not _io._pid_alive(holder["pid"])):
                     return False
                 deadline = time.monotonic() + _DEAD_HOLDER_GRACE
             elif time.monotonic() > deadline:

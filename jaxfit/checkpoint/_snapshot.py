@@ -97,7 +97,6 @@ class _Plan:
         self.program = jax.jit(pack)
 
 
-
 def _flat_ok(leaves: list) -> bool:
     devices = None
     for leaf in leaves:
@@ -161,7 +160,7 @@ class Snapshot:
     def finite(self) -> bool:
         """Whether every float array of the train state is finite (waits for the copy)."""
         if self._plan is not None:
-            return finite_in(_msgpack.Encoded([self._fetched()]), self._plan.checked)
+            return finite_in(self._fetched(), self._plan.checked)
         assert self._flag is not None
         # A replicated scalar: every process takes the same decision.
         return bool(np.asarray(self._flag.addressable_data(0)))

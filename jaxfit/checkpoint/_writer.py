@@ -282,10 +282,9 @@ class Known:
         return sum(int(f["size"]) for f in manifest["files"].values())
 
 
-def finite_in(encoded: _msgpack.Encoded, checked: list[tuple[int, int, Any]]) -> bool:
+def finite_in(buf: Any, checked: list[tuple[int, int, Any]]) -> bool:
     """Whether the float arrays at ``checked`` (offset, count, dtype) of a pre-encoded
     train state's one buffer are all finite."""
-    (buf,) = encoded.parts
     return all(bool(np.isfinite(np.frombuffer(buf, dtype, count, offset)).all())
                for offset, count, dtype in checked)
 
@@ -294,7 +293,7 @@ def perform(known: Known, job: dict) -> int | None:
     """Writes one whole checkpoint job and applies retention: the checkpoint's size, or
     None when the job's ``check`` found NaN/inf (nothing written)."""
     check = job.pop("check", None)
-    if check is not None and not finite_in(job["state"]["train_state"], check):
+    if check is not None and not finite_in(job["state"]["train_state"].parts[0], check):
         return None
     return known.retain(*_write_whole(known.run_dir, **job))
 
