@@ -80,16 +80,21 @@ def test_a_dtype_the_flat_buffer_cannot_carry_keeps_a_copy_per_leaf():
 
 @pytest.mark.parametrize("process", [True, False])
 @pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_a_non_finite_train_state_is_seen_by_either_path(tmp_path, packed, dtype, process):
+@pytest.mark.parametrize("dtype,bad", [(jnp.float32, jnp.nan), (jnp.bfloat16, jnp.nan),
+                                       (jnp.float16, -jnp.inf), (jnp.float32, jnp.inf)])
+def test_a_non_finite_train_state_is_seen_by_either_path(tmp_path, packed, dtype, bad, process):
     extra = {} if packed else {"i4": jnp.zeros((2,), jnp.int4)}
-    # (a float outside the train state, such as a hyperparameter scale, is not tested)
-    es = _engine(b=jnp.ones((3,), jnp.float32), w=jnp.array([1.0, jnp.nan, 2.0], dtype), **extra)
+    es = _engine(b=jnp.ones((3,), jnp.float32), w=jnp.array([1.0, bad, 2.0], dtype),
+                 h=jnp.ones((2,), jnp.float16), **extra)
     snap = Snapshot(es)
     assert snap.packed is packed and not snap.finite()
-    ok = Snapshot(_engine(w=jnp.ones((2,), jnp.float32), **extra))
+    ok = Snapshot(_engine(w=jnp.ones((2,), jnp.float32), h=jnp.ones((2,), dtype), **extra))
     assert ok.finite()
-    # Tested where the file is written: by the writer process, or the writer thread.
+    # A float outside the train state (a hyperparameter's scale) is not tested.
+    outside = _Engine(jnp.int32(7), {"w": jnp.ones((2,), dtype), **extra},
+                      {"learning_rate": jnp.float32(jnp.nan)})
+    assert Snapshot(outside).finite()
+    # Tested on the devices; the writer (process or thread) skips the save.
     writer = RunWriter(tmp_path, keep_last=3, keep_best=0, monitor=None, mode=None,
                        process=process)
     assert (writer._child is not None) is process

@@ -5,9 +5,9 @@ Python work (the manifest, ~25 system calls each retaking the lock, retention) h
 dispatch-bound loop: on a small model that was most of what a checkpoint every epoch cost.
 So with ``ModelCheckpoint(background="process")``, on Linux, :class:`RunWriter` hands each
 whole (unsharded, one-process) checkpoint to a child process instead: the writer thread
-of the training process only fetches the snapshot and sends it down a pipe; the child tests
-it for NaN/inf, writes, fsyncs, renames and applies retention, exactly as the thread would
-(the same ``_writer`` functions), and replies.
+of the training process only fetches the snapshot (tested for NaN/inf on the devices) and
+sends it down a pipe; the child writes, fsyncs, renames and applies retention, exactly as
+the thread would (the same ``_writer`` functions), and replies.
 
 The child can never outlive its trainer: it asks the kernel for SIGKILL when the thread
 that started it ends (``PR_SET_PDEATHSIG``), and it holds a copy of the run lock's file
@@ -116,9 +116,8 @@ class WriterProcess:
             return False
 
     def receive(self) -> dict | None:
-        """The reply to the oldest job sent: ``{"nbytes": n, "seconds": s}``,
-        ``{"skipped": True}`` (NaN/inf) or ``{"error": exception}``; None when the child is
-        gone."""
+        """The reply to the oldest job sent: ``{"nbytes": n, "seconds": s}`` or
+        ``{"error": exception}``; None when the child is gone."""
         try:
             return _receive(self._in)
         except (ConnectionResetError, OSError):
@@ -181,9 +180,8 @@ def main() -> None:
     while (job := _receive(src)) is not None and _STOP not in job:
         began = time.perf_counter()
         try:
-            nbytes = _writer.perform(known, job)
-            reply: dict[str, Any] = ({"skipped": True} if nbytes is None
-                                     else {"nbytes": nbytes, "seconds": time.perf_counter() - began})
+            reply: dict[str, Any] = {"nbytes": _writer.perform(known, job),
+                                     "seconds": time.perf_counter() - began}
         except BaseException as err:  # handed to the trainer, which raises it at its next save
             reply = {"error": _picklable(err)}
         _send(dst, reply)

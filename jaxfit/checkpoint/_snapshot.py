@@ -11,8 +11,11 @@ constants of the program, made once per state layout. Fetching is then one trans
 writing one buffer: no Python work per leaf on the writer thread, which shares the
 interpreter lock with training. The bytes are exactly those of
 ``write_tree(train_state_dict(state))``. Other states (several processes, a sharded state,
-a dtype the buffer cannot carry) keep a copy per leaf and a finiteness flag computed on
-the devices (every process must take the same decision).
+a dtype the buffer cannot carry) keep a copy per leaf.
+
+Either program also returns whether the train state's float arrays are all finite, computed
+on the devices (every process takes the same decision, and the writer thread does no
+per-leaf test under the interpreter lock).
 """
 
 from __future__ import annotations
@@ -26,14 +29,26 @@ import numpy as np
 
 from jaxfit import _state, _tree
 from jaxfit.checkpoint import _msgpack, _sharded
-from jaxfit.checkpoint._writer import finite_in
 
 # dtypes whose arrays the flat buffer carries as their bytes (a bitcast, or bool as uint8).
 _FLAT_DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
                           "uint32", "uint64", "float16", "bfloat16", "float32", "float64"])
 
 
+def _all_finite(leaves: list) -> jax.Array:
+    """Whether every element of the float ``leaves`` (replicated, on one set of devices) is
+    finite: one reduction per dtype over their concatenation (a reduction per leaf makes the
+    program slow to compile for a state of many leaves)."""
+    by_dtype: dict[Any, list] = {}
+    for x in leaves:
+        if jnp.issubdtype(x.dtype, jnp.inexact) and x.size:
+            by_dtype.setdefault(x.dtype, []).append(jnp.ravel(x))
+    flags = [jnp.all(jnp.isfinite(jnp.concatenate(xs))) for xs in by_dtype.values()]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
 def _finite(es: Any) -> jax.Array:
+    # A reduction per leaf: a concatenation of sharded leaves would gather them.
     flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(es.state)
              if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
@@ -60,39 +75,28 @@ _copy_program = jax.jit(_copy_leaves)
 class _Plan:
     """The encoding of one state layout's ``train_state``, made on the devices.
 
-    Its program returns one ``uint8`` buffer: the msgpack encoding of the state's nested
+    Its program returns one ``uint8`` buffer, the msgpack encoding of the state's nested
     dict (the bytes between the arrays are constants of the program, the arrays' bytes are
-    copied in between). The writer thread tests the train state's float arrays for NaN/inf
-    in that buffer (``checked``: offset, count, dtype): a test per leaf on the devices would
-    make the program slow to compile for a state of many leaves.
+    copied in between), and the finiteness flag of the train state's float arrays.
     """
 
     def __init__(self, es: Any) -> None:
         flat = jax.tree_util.tree_flatten_with_path(es)[0]
-        headers, sizes, data = [], [], []
+        headers = []
         for _, leaf in flat:
             arr = jax.random.key_data(leaf) if _tree._is_typed_key(leaf) else leaf
             nbytes = int(np.prod(arr.shape, dtype=np.int64)) * arr.dtype.itemsize
             headers.append(_msgpack.array_header(tuple(arr.shape), arr.dtype.name, nbytes))
-            sizes.append(nbytes)
-            data.append(arr)
         parts = _msgpack.encode_skeleton(_tree.nest(flat, range(len(flat))), headers)
-        offsets, at = {}, 0
-        for p in parts:
-            if isinstance(p, int):
-                offsets[p] = at
-            at += sizes[p] if isinstance(p, int) else len(p)
-        self.checked = [
-            (offsets[i], sizes[i] // data[i].dtype.itemsize, np.dtype(data[i].dtype))
-            for i, (path, _) in enumerate(flat)
-            if path and _tree._key_name(path[0]) == "state"
-            and jnp.issubdtype(data[i].dtype, jnp.inexact) and sizes[i]]
+        checked = [i for i, (path, _) in enumerate(flat)
+                   if path and _tree._key_name(path[0]) == "state"]
         consts = [np.frombuffer(p, np.uint8) if isinstance(p, bytes) else p for p in parts]
 
-        def pack(es: Any) -> jax.Array:
+        def pack(es: Any) -> tuple[jax.Array, jax.Array]:
             leaves = jax.tree_util.tree_leaves(es)
-            return jnp.concatenate([_as_bytes(leaves[p]) if isinstance(p, int)
-                                    else jnp.asarray(p) for p in consts])
+            buf = jnp.concatenate([_as_bytes(leaves[p]) if isinstance(p, int)
+                                   else jnp.asarray(p) for p in consts])
+            return buf, _all_finite([leaves[i] for i in checked])
 
         self.program = jax.jit(pack)
 
@@ -138,11 +142,11 @@ class Snapshot:
                 self._plans[key] = _Plan(es) if _flat_ok(leaves) else None
             plan = self._plans[key]
         self._plan = plan
+        self._flat: jax.Array | None = None
         if plan is not None:
-            self._flat: jax.Array | None = plan.program(es)
-            self._copy, self._flag = None, None
+            self._flat, self._flag = plan.program(es)
+            self._copy = None
         else:
-            self._flat = None
             self._copy, self._flag = _copy_program(es)
         self._buf: np.ndarray | None = None
 
@@ -159,9 +163,6 @@ class Snapshot:
 
     def finite(self) -> bool:
         """Whether every float array of the train state is finite (waits for the copy)."""
-        if self._plan is not None:
-            return finite_in(self._fetched(), self._plan.checked)
-        assert self._flag is not None
         # A replicated scalar: every process takes the same decision.
         return bool(np.asarray(self._flag.addressable_data(0)))
 
@@ -182,18 +183,9 @@ class Snapshot:
 
 def fetcher(snap: Snapshot, state: dict, sharded: bool) -> Callable[[], dict | None]:
     """What the writer thread calls for the arrays of a save whose small rest is ``state``:
-    None when the snapshot holds NaN/inf (nothing is written).
-
-    A packed snapshot is not tested here: its job carries ``check`` (the train state's float
-    arrays in the buffer), tested where the file is written (``_writer.perform``, in the
-    writer process when there is one), off the training process's interpreter lock.
-    """
+    None when the snapshot holds NaN/inf (nothing is written)."""
 
     def fetch() -> dict | None:
-        if snap.packed:
-            assert snap._plan is not None
-            return {"state": {**state, "train_state": snap.train_state()},
-                    "check": snap._plan.checked}
         if not snap.finite():
             return None
         if sharded:

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from jaxfit.checkpoint import _child, _io, _manifest, _msgpack, _retention
 from jaxfit.checkpoint._errors import CheckpointError
 from jaxfit.checkpoint._recipe import write_recipe
@@ -282,19 +280,8 @@ class Known:
         return sum(int(f["size"]) for f in manifest["files"].values())
 
 
-def finite_in(buf: Any, checked: list[tuple[int, int, Any]]) -> bool:
-    """Whether the float arrays at ``checked`` (offset, count, dtype) of a pre-encoded
-    train state's one buffer are all finite."""
-    return all(bool(np.isfinite(np.frombuffer(buf, dtype, count, offset)).all())
-               for offset, count, dtype in checked)
-
-
-def perform(known: Known, job: dict) -> int | None:
-    """Writes one whole checkpoint job and applies retention: the checkpoint's size, or
-    None when the job's ``check`` found NaN/inf (nothing written)."""
-    check = job.pop("check", None)
-    if check is not None and not finite_in(job["state"]["train_state"].parts[0], check):
-        return None
+def perform(known: Known, job: dict) -> int:
+    """Writes one whole checkpoint job and applies retention; returns the checkpoint's size."""
     return known.retain(*_write_whole(known.run_dir, **job))
 
 
@@ -446,26 +433,22 @@ class RunWriter:
             sent.set()
             if prev is not None:
                 prev[0].join()  # its reply comes first (and its fallback, if the child died)
-            nbytes = self._write(job, child)
-            if nbytes is None:
-                self._skip(job["step"])
-                return
-            self.stats.nbytes.append(nbytes)
+            self.stats.nbytes.append(self._write(job, child))
             self.stats.write.append(time.perf_counter() - began)
         except BaseException as err:  # handed to the training thread by wait()/save()
             self._error = err
         finally:
             sent.set()
 
-    def _write(self, job: dict, child: _child.WriterProcess | None) -> int | None:
+    def _write(self, job: dict, child: _child.WriterProcess | None) -> int:
         """Writes a whole checkpoint: the writer process's reply to the job sent to
-        ``child``, else here. Its size, or None when its arrays held NaN/inf."""
+        ``child``, else here. Returns its size."""
         if child is not None and child is self._child:
             reply = child.receive()
             if reply is not None:
                 if "error" in reply:
                     raise reply["error"]
-                return None if reply.get("skipped") else int(reply["nbytes"])
+                return int(reply["nbytes"])
         if self._child is not None:
             # Out of memory, or killed by hand: the job is still here, and so is the lock.
             # Write it (and the rest of the fit) from this thread.
