@@ -9,16 +9,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
-import numpy as np
 
-from jaxfit import _state
 from jaxfit.callback import Callback
-from jaxfit.checkpoint import _sharded
-from jaxfit.checkpoint._errors import CheckpointError
-from jaxfit.checkpoint._lock import RunLock
-from jaxfit.checkpoint._recipe import DEFAULT_MAX_DATA_BYTES, pack_recipe
-from jaxfit.checkpoint._snapshot import Snapshot, fetcher
-from jaxfit.checkpoint._writer import RunWriter, SaveStats
+from jaxfit.checkpoint import (
+    DEFAULT_MAX_DATA_BYTES,
+    CheckpointError,
+    RunLock,
+    RunWriter,
+    SaveStats,
+    capture,
+    list_checkpoints,
+    pack_recipe,
+    writes_shards,
+)
 from jaxfit.errors import ConfigError
 
 from ._checks import check_count, check_every, check_number
@@ -28,24 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.trainer import Trainer
 
 _SIGNAL_STOPS = ("preempted", "interrupted")
-
-
-def _owned_copy(tree: Any) -> Any:
-    """A copy whose arrays own their memory (of the small host part of a save: history,
-    callback states, RNG seed data).
-
-    On CPU ``jax.device_get`` returns numpy views of the device buffers; while such a view is
-    alive the next donating step cannot reuse the buffer and silently copies it. Copying
-    here (and dropping the views) keeps donation working while the background thread
-    writes. (The arrays of the train state are copied on the devices instead.)
-    """
-    if isinstance(tree, dict):
-        return {k: _owned_copy(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_owned_copy(v) for v in tree]
-    if isinstance(tree, np.ndarray) and tree.base is not None:
-        return tree.copy()
-    return tree
 
 
 class ModelCheckpoint(Callback):
@@ -220,7 +205,7 @@ class ModelCheckpoint(Callback):
         self.skipped_nonfinite = []
         # A state with a sharded array is written as a sharded checkpoint (each process its
         # own slices, nothing gathered); a replicated one whole, by process 0.
-        self._write_shards = _sharded.is_sharded(trainer.engine_state)
+        self._write_shards = writes_shards(trainer)
         if self._write_shards and jax.process_count() > 1 and self.every_n_seconds is not None:
             raise ConfigError(
                 "ModelCheckpoint: every_n_seconds cannot time a sharded checkpoint of several "
@@ -368,30 +353,22 @@ class ModelCheckpoint(Callback):
     def _save(self, trainer: Trainer, reason: str, metrics: dict[str, Any] | None = None) -> None:
         if trainer.stop_reason == "terminate_on_nan":
             return  # non-finite values were seen: nothing from here on is worth resuming
-        # Steps are dispatched ahead of the device: wait for the ones under way first and
-        # account for that wait separately (the device was busy with training, not saving).
-        start = time.perf_counter()
-        es = trainer.engine_state
-        jax.block_until_ready(es)
-        dispatched = time.perf_counter()
-        self.stats.device_wait.append(dispatched - start)
-        # Dispatched, not waited for: one program makes a device-side copy of the arrays
-        # (the next step donates the live ones; see jaxfit/checkpoint/_snapshot.py). The
-        # writer thread waits for it, fetches the copy (whole, or this process's own slices
-        # for a sharded checkpoint), tests it for NaN/inf and writes it; here only the small
-        # rest is copied.
-        snap = Snapshot(es, sharded=self._write_shards)
-        state = _owned_copy(_state.meta_dict(trainer))
-        copy_seconds = time.perf_counter() - dispatched
+        # Steps are dispatched ahead of the device: the capture waits for the ones under way
+        # first (that wait is accounted separately: the device was busy with training, not
+        # saving), then dispatches a device-side copy of the arrays (the next step donates
+        # the live ones) and copies the small rest. The writer thread waits for the copy,
+        # fetches it, skips it if it holds NaN/inf, and writes it.
+        taken = capture(trainer, sharded=self._write_shards)
+        self.stats.device_wait.append(taken.device_wait)
+        state = taken.state
         step, batch = int(state["step"]), int(state["batch_in_epoch"])
-        fetch = fetcher(snap, state, self._write_shards)
 
         # Epoch logs describe this state only at an epoch boundary (a validation's logs at
         # its step, given by the caller).
         if metrics is None:
             metrics = self._last_logs if batch == 0 else {}
         assert self._writer is not None  # every caller checks it
-        self._writer.save(state, copy_seconds=copy_seconds, fetch=fetch, step=step,
+        self._writer.save(state, copy_seconds=taken.seconds, fetch=taken.fetch, step=step,
                           epoch=int(state["epoch"]), run_id=state.get("run_id"),
                           batch_in_epoch=batch, reason=reason, metrics=metrics,
                           monitor=self.monitor, mode=self._mode)
@@ -435,9 +412,8 @@ def _refuse_another_run(directory: Path, trainer: Trainer) -> None:
     """Never let a new run's retention delete another run's checkpoints."""
     if not Path(directory).is_dir():
         return
-    from jaxfit.checkpoint._manifest import scan
-
-    owners = {info.manifest.get("run_id") for info in scan(directory) if info.manifest}
+    owners = {info.manifest.get("run_id") for info in list_checkpoints(directory)
+              if info.manifest}
     others = sorted(o for o in owners if o and o != trainer.run_id)
     if others:
         raise ConfigError(

@@ -20,8 +20,10 @@ per-leaf test under the interpreter lock).
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,9 @@ import numpy as np
 
 from jaxfit import _state, _tree
 from jaxfit.checkpoint import _msgpack, _sharded
+
+if TYPE_CHECKING:  # pragma: no cover
+    from jaxfit.trainer import Trainer
 
 # dtypes whose arrays the flat buffer carries as their bytes (a bitcast, or bool as uint8).
 _FLAT_DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
@@ -193,3 +198,64 @@ def fetcher(snap: Snapshot, state: dict, sharded: bool) -> Callable[[], dict | N
         return {"state": {**state, "train_state": snap.train_state()}}
 
     return fetch
+
+
+def owned_copy(tree: Any) -> Any:
+    """A copy whose arrays own their memory (of the small host part of a save: history,
+    callback states, RNG seed data).
+
+    On CPU ``jax.device_get`` returns numpy views of the device buffers; while such a view is
+    alive the next donating step cannot reuse the buffer and silently copies it. Copying
+    here (and dropping the views) keeps donation working while the background thread
+    writes. (The arrays of the train state are copied on the devices instead.)
+    """
+    if isinstance(tree, dict):
+        return {k: owned_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [owned_copy(v) for v in tree]
+    if isinstance(tree, np.ndarray) and tree.base is not None:
+        return tree.copy()
+    return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """A checkpoint of the trainer's current point, taken without waiting for its arrays.
+
+    Attributes:
+      state: the small host part of the state (step, epoch, data position, history,
+        callback states, RNG seed), copies that own their memory; ``train_state`` is empty.
+      fetch: for ``RunWriter.save(state, fetch=...)``, called on the writer thread: waits
+        for the device-side copy of the arrays and returns the job's missing entries, or
+        None when the train state holds NaN/inf (nothing is then written).
+      device_wait: seconds spent waiting for the steps already dispatched to finish (the
+        state must be computed before it is copied): training time, not saving time.
+      seconds: seconds spent dispatching the copy and copying the small host part.
+    """
+
+    state: dict
+    fetch: Callable[[], dict | None]
+    device_wait: float
+    seconds: float
+
+
+def capture(trainer: Trainer, *, sharded: bool) -> Capture:
+    """Takes a checkpoint of ``trainer`` at its current point: waits for the steps under
+    way, dispatches one program that copies the engine state on the devices (the next step
+    donates the live buffers) and copies the small host part. ``sharded``: the copy is for a
+    sharded checkpoint (each process its own slices, see :func:`writes_shards`)."""
+    start = time.perf_counter()
+    es = trainer.engine_state
+    jax.block_until_ready(es)
+    dispatched = time.perf_counter()
+    snap = Snapshot(es, sharded=sharded)
+    state = owned_copy(_state.meta_dict(trainer))
+    return Capture(state, fetcher(snap, state, sharded), dispatched - start,
+                   time.perf_counter() - dispatched)
+
+
+def writes_shards(trainer: Trainer) -> bool:
+    """Whether ``trainer``'s checkpoints are sharded: its state holds an array that is not
+    fully replicated (each process writes its own slices, nothing is gathered). A replicated
+    state is written whole by process 0."""
+    return _sharded.is_sharded(trainer.engine_state)
