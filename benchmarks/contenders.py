@@ -49,11 +49,11 @@ class Contender:
     default: bool = True
 
 
-def _hand(k: int = 1, unroll: bool = False):
+def _hand(k: int = 1, unroll: bool = False, save: str | None = None):
     def run(w, epochs, clock, workdir):
         from benchmarks.hand import run_hand
 
-        return run_hand(w, epochs, clock, k=k, unroll=unroll)
+        return run_hand(w, epochs, clock, k=k, unroll=unroll, save=save, workdir=workdir)
 
     return run
 
@@ -109,6 +109,10 @@ CONTENDERS: dict[str, Contender] = {
             skip={w: _NO_JEMALLOC if not _JEMALLOC else _W2_ONLY for w in ("W1", "W3", "W4")}
             | ({"W2": _NO_JEMALLOC} if not _JEMALLOC else {}),
         ),
+        Contender("A-ckpt", "A + a hand-written checkpoint each epoch", _hand(save="hand"),
+                  default=False),
+        Contender("A-orbax", "A + Orbax CheckpointManager each epoch (async)",
+                  _hand(save="orbax"), needs=("orbax.checkpoint",), default=False),
         Contender("B-rolled", "B hand scan K=16, rolled", _hand(16), skip={"W2": _ROLLED_W2}),
         Contender("B-unrolled", "B hand scan K=16, unrolled", _hand(16, unroll=True)),
         Contender("C", "C Keras fit", _keras(), env=_KERAS_ENV, needs=("keras",)),

@@ -68,10 +68,75 @@ def _lm(w: Workload, arrays: tuple):
     return state, step, epoch_loss
 
 
-def run_hand(w: Workload, epochs: int, clock: Clock, k: int = 1, unroll: bool = False) -> dict:
-    """Trains `w` for `epochs` epochs with the hand loop (k=1) or the hand scan (k>1)."""
+KEEP = 3  # checkpoints kept, as ModelCheckpoint's keep_last
+
+
+class HandSave:
+    """A checkpoint each epoch written as a hand loop does, inline: the state fetched and
+    serialized with `flax.serialization.to_bytes`, written to a temporary file, fsynced and
+    renamed into place (then the directory fsynced); the one `KEEP` epochs back deleted."""
+
+    def __init__(self, workdir: str) -> None:
+        import os
+
+        self.dir = os.path.join(workdir, "hand-ckpt")
+        os.makedirs(self.dir, exist_ok=True)
+
+    def __call__(self, state, epoch: int) -> None:
+        import os
+
+        from flax import serialization
+
+        data = serialization.to_bytes(jax.device_get(state))
+        path = os.path.join(self.dir, f"checkpoint_{epoch}")
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        old = os.path.join(self.dir, f"checkpoint_{epoch - KEEP}")
+        if os.path.exists(old):
+            os.remove(old)
+
+    def close(self) -> None:
+        pass
+
+
+class OrbaxSave:
+    """A checkpoint each epoch with Orbax's `CheckpointManager` (asynchronous saves, the
+    `KEEP` newest kept), as the flax examples save now."""
+
+    def __init__(self, workdir: str) -> None:
+        import os
+
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            os.path.join(os.path.abspath(workdir), "orbax-ckpt"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=KEEP,
+                                                 enable_async_checkpointing=True))
+
+    def __call__(self, state, epoch: int) -> None:
+        self.manager.save(epoch, args=self.ocp.args.StandardSave(state))
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def run_hand(w: Workload, epochs: int, clock: Clock, k: int = 1, unroll: bool = False,
+             save: str | None = None, workdir: str | None = None) -> dict:
+    """Trains `w` for `epochs` epochs with the hand loop (k=1) or the hand scan (k>1);
+    `save`: "hand" or "orbax" writes a checkpoint at each epoch's end (in `workdir`)."""
     arrays = w.data()
     clock.start()
+    saver = None if save is None else (HandSave if save == "hand" else OrbaxSave)(workdir or ".")
     state, raw_step, epoch_loss = (_lm if w.family == "lm" else _classifier)(w, arrays)
     step = jax.jit(raw_step, donate_argnums=(0,))
 
@@ -83,7 +148,7 @@ def run_hand(w: Workload, epochs: int, clock: Clock, k: int = 1, unroll: bool = 
     b, n = w.batch_size, w.batches
     rng = np.random.default_rng(0)
     loss = None
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         idx = rng.permutation(n * b)
         outs = []
         i = 0
@@ -103,5 +168,9 @@ def run_hand(w: Workload, epochs: int, clock: Clock, k: int = 1, unroll: bool = 
                 jax.block_until_ready(out)
                 clock.first_step()
         loss = epoch_loss(jax.device_get(outs))
+        if saver is not None:
+            saver(state, epoch)
         clock.epoch_end()
+    if saver is not None:
+        saver.close()
     return {"final_loss": loss}

@@ -85,6 +85,9 @@ def run_jaxfit(
         def __init__(self):
             self.settled = steps_per_execution == 1  # else: once fused-or-single is chosen
 
+        def wants_batch_hooks(self, trainer):
+            return clock.t_first is None  # (the hand loop's probe is one test per step)
+
         def on_train_batch_end(self, trainer, logs):
             if clock.t_first is None:
                 jax.block_until_ready(logs["loss"])

@@ -96,13 +96,20 @@ def _select(args: argparse.Namespace) -> tuple[list[str], list[str], dict]:
         names.insert(0, "A")  # every ratio is to A in the same repetition
     skipped = {}
     for name in list(names):
-        missing = [m for m in CONTENDERS[name].needs if importlib.util.find_spec(m) is None]
+        missing = [m for m in CONTENDERS[name].needs if not _importable(m)]
         for w in workloads:
             if missing:
                 skipped[(name, w)] = f"{', '.join(missing)} not installed (pip install .[bench])"
             elif w in CONTENDERS[name].skip and not args.include_slow:
                 skipped[(name, w)] = CONTENDERS[name].skip[w]
     return workloads, names, skipped
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        return False
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -255,6 +255,10 @@ class ModelCheckpoint(Callback):
         self._last_time = time.monotonic()
         self._last_logs = {}
 
+    def wants_batch_hooks(self, trainer: Trainer) -> bool:
+        return self._writer is not None and (
+            self.every_n_steps is not None or self.every_n_seconds is not None)
+
     def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         step = trainer.step
         if self._writer is None:

@@ -189,6 +189,11 @@ class RichProgress(Callback):
                 named={},
             )
 
+    def wants_batch_hooks(self, trainer: Trainer) -> bool:
+        # Drawn live, or the fit's first execution still to time; else the batch hook
+        # would only return.
+        return self._progress is not None or self._first_step is None
+
     def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         if self._clock is None:
             # The first execution of the fit: compiled during dispatch, maybe still running.

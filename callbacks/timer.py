@@ -95,6 +95,9 @@ class Timer(Callback):
             if trainer.stop_reason is None:
                 trainer.stop_reason = STOP_REASON
 
+    def wants_batch_hooks(self, trainer: Trainer) -> bool:
+        return self.check == "step"
+
     def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         if self.check == "step":
             self._maybe_stop(trainer)

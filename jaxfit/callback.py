@@ -26,6 +26,8 @@ HOOKS = (
     "teardown",
 )
 
+BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end")
+
 
 class Callback:
     """Base class of every callback. Override the hooks you need; the others cost nothing.
@@ -85,6 +87,18 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
 
+    def wants_batch_hooks(self, trainer: Trainer) -> bool:
+        """Whether the batch hooks this callback overrides (``on_train_batch_start``,
+        ``on_train_batch_end``) run during the epoch that starts: asked at each epoch's
+        start, after ``on_epoch_start``. True unless overridden.
+
+        A dispatch-bound loop pays for every hook call of every step. A callback whose batch
+        hooks only matter some of the time (a progress display that is not drawn live, a
+        checkpoint that is not due by steps) returns False when they would do nothing, and
+        the loop leaves them out for that epoch.
+        """
+        return True
+
     def setup(self, trainer: Trainer) -> None: ...
     def on_fit_start(self, trainer: Trainer) -> None: ...
     def on_epoch_start(self, trainer: Trainer) -> None: ...
@@ -126,6 +140,7 @@ class CallbackList:
                 "collide. Give each instance a distinct `state_key` (override the property)."
             )
         self._by_hook = {h: [cb for cb in self.callbacks if _overrides(cb, h)] for h in HOOKS}
+        self._overriding = {h: self._by_hook[h] for h in BATCH_HOOKS}
 
     def __iter__(self):
         return iter(self.callbacks)
@@ -135,6 +150,20 @@ class CallbackList:
 
     def has(self, hook: str) -> bool:
         return bool(self._by_hook[hook])
+
+    def select_batch_hooks(self, trainer: Trainer) -> None:
+        """Asks each callback that overrides a batch hook whether it runs this epoch
+        (:meth:`Callback.wants_batch_hooks`); ``call`` and ``has`` follow the answers."""
+        wanted: dict[int, bool] = {}
+        for cb in {id(cb): cb for h in BATCH_HOOKS for cb in self._overriding[h]}.values():
+            try:
+                wanted[id(cb)] = bool(cb.wants_batch_hooks(trainer))
+            except (KeyboardInterrupt, SystemExit, JaxfitError):
+                raise
+            except Exception as e:
+                raise CallbackError(cb, "wants_batch_hooks", e) from e
+        for h in BATCH_HOOKS:
+            self._by_hook[h] = [cb for cb in self._overriding[h] if wanted[id(cb)]]
 
     def find(self, cls: type) -> list[Callback]:
         """The callbacks that are instances of ``cls``, in run order."""

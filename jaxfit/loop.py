@@ -192,6 +192,7 @@ def _run(trainer: Trainer, train: Any, val: Any, epochs: float) -> None:
         if trainer.batch_in_epoch == 0 and epoch == first_epoch:
             _reset_metrics(trainer)  # later epochs start from _end_epoch's reset
         cbs.call("on_epoch_start", trainer)
+        cbs.select_batch_hooks(trainer)
         if _pending_validation(trainer, val, train.steps_per_epoch, epoch):
             break
         has_start, has_end = cbs.has("on_train_batch_start"), cbs.has("on_train_batch_end")

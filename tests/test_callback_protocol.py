@@ -153,3 +153,74 @@ def test_a_non_callback_is_refused(data):
     x, y = data
     with pytest.raises(ConfigError, match=r"callbacks\[0\] is a function, not a jaxfit.Callback"):
         make_trainer().fit(MLP(), (x, y), epochs=1, callbacks=[lambda: None])
+
+
+def test_a_callback_that_declines_batch_hooks_is_left_out_of_that_epochs_batches(data):
+    x, y = data  # 40 samples, batch 16: 3 batches per epoch
+
+    class OddEpochs(Callback):
+        def __init__(self):
+            self.batches, self.asked = [], []
+
+        def wants_batch_hooks(self, trainer):
+            self.asked.append(trainer.epoch)
+            return trainer.epoch % 2 == 1
+
+        def on_train_batch_start(self, trainer):
+            self.batches.append(("start", trainer.epoch))
+
+        def on_train_batch_end(self, trainer, logs):
+            self.batches.append(("end", trainer.epoch))
+
+    class Always(Callback):
+        def __init__(self):
+            self.ends = 0
+
+        def on_train_batch_end(self, trainer, logs):
+            self.ends += 1
+
+    odd, always = OddEpochs(), Always()
+    make_trainer().fit(MLP(), (x[:40], y[:40]), epochs=3, batch_size=16, callbacks=[odd, always])
+    assert odd.asked == [1, 2, 3]  # once per epoch, after on_epoch_start
+    assert odd.batches == [(kind, e) for e in (1, 3) for _ in range(3) for kind in ("start", "end")]
+    assert always.ends == 9  # another callback's answer changes nothing for it
+
+
+def test_an_error_in_wants_batch_hooks_names_the_callback(data):
+    class Broken(Callback):
+        def wants_batch_hooks(self, trainer):
+            raise ValueError("no idea")
+
+        def on_train_batch_end(self, trainer, logs):
+            pass
+
+    x, y = data
+    with pytest.raises(CallbackError, match=r"Broken.*wants_batch_hooks.*no idea"):
+        make_trainer().fit(MLP(), (x, y), epochs=1, batch_size=16, callbacks=[Broken()])
+
+
+def test_builtins_decline_batch_hooks_that_would_do_nothing(data, tmp_path):
+    from jaxfit.callbacks import ModelCheckpoint, RichProgress, Timer
+
+    x, y = data
+
+    class Seen(Callback):
+        order = 10_000
+
+        def on_epoch_end(self, trainer, logs):
+            self.per_epoch.append(sorted(
+                type(cb).__name__ for cb in trainer.callbacks._by_hook["on_train_batch_end"]))
+
+    seen = Seen()
+    seen.per_epoch = []
+    by_epoch = ModelCheckpoint(tmp_path / "a")
+    by_step = ModelCheckpoint(tmp_path / "b", every_n_steps=2)
+    make_trainer().fit(MLP(), (x, y), epochs=2, batch_size=16, verbose=0,
+                       callbacks=[by_epoch, RichProgress(live=False), Timer(3600, check="step"),
+                                  seen])
+    # RichProgress times the fit's first execution, then (not live) needs no batch hook.
+    assert seen.per_epoch == [["RichProgress", "Timer"], ["Timer"]]
+    seen.per_epoch = []
+    make_trainer().fit(MLP(), (x, y), epochs=1, batch_size=16, verbose=0,
+                       callbacks=[by_step, RichProgress(live=True), seen])
+    assert seen.per_epoch == [["ModelCheckpoint", "RichProgress"]]
