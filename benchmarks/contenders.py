@@ -145,6 +145,10 @@ CONTENDERS: dict[str, Contender] = {
             _jaxfit(callbacks=True, checkpoint=False), prepare=_import_jaxfit,
         ),
         Contender(
+            "jaxfit-inline", "jaxfit fit + everyday callbacks, ModelCheckpoint(background=False)",
+            _jaxfit(callbacks=True, background=False), prepare=_import_jaxfit, default=False,
+        ),
+        Contender(
             "jaxfit-spe", "jaxfit steps_per_execution=16", _jaxfit(steps_per_execution=16),
             prepare=_import_jaxfit,
         ),

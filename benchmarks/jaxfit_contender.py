@@ -65,7 +65,7 @@ def xent_full_form(model, batch, ctx):
 def run_jaxfit(
     w: Workload, epochs: int, clock: Clock, workdir: str, callbacks: bool = False,
     steps_per_execution: int = 1, checkpoint: bool = True, full_form: bool = False,
-    scan_unroll: int | str = "auto",
+    scan_unroll: int | str = "auto", background: bool | str = True,
 ) -> dict:
     """Trains `w` with `jaxfit.Trainer.fit`, timing through a late-running callback."""
     from jaxfit import Callback, Trainer
@@ -103,7 +103,8 @@ def run_jaxfit(
         epochs += -(-6 * steps_per_execution // w.batches)
 
     clock.start()
-    extra, missing = everyday_callbacks(w, epochs, workdir, checkpoint) if callbacks else ([], [])
+    extra, missing = everyday_callbacks(w, epochs, workdir, checkpoint, background) if callbacks \
+        else ([], [])
     scheduled = any(type(c).__name__ == "LRScheduler" for c in extra)
     trainer = Trainer(
         optimizer=w.make_optimizer(inject=True, constant=scheduled), loss=loss, seed=0,
