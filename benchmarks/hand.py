@@ -12,9 +12,12 @@ divided at the epoch's end.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 import optax
+from flax import serialization
 
 from benchmarks.measure import Clock
 from benchmarks.workloads import Workload
@@ -77,16 +80,10 @@ class HandSave:
     renamed into place (then the directory fsynced); the one `KEEP` epochs back deleted."""
 
     def __init__(self, workdir: str) -> None:
-        import os
-
         self.dir = os.path.join(workdir, "hand-ckpt")
         os.makedirs(self.dir, exist_ok=True)
 
     def __call__(self, state, epoch: int) -> None:
-        import os
-
-        from flax import serialization
-
         data = serialization.to_bytes(jax.device_get(state))
         path = os.path.join(self.dir, f"checkpoint_{epoch}")
         with open(path + ".tmp", "wb") as f:
@@ -112,8 +109,6 @@ class OrbaxSave:
     `KEEP` newest kept), as the flax examples save now."""
 
     def __init__(self, workdir: str) -> None:
-        import os
-
         import orbax.checkpoint as ocp
 
         self.ocp = ocp

@@ -364,20 +364,16 @@ class ModelCheckpoint(Callback):
         # fetches it, skips it if it holds NaN/inf, and writes it.
         taken = capture(trainer, sharded=self._write_shards)
         self.stats.device_wait.append(taken.device_wait)
-        state = taken.state
-        step, batch = int(state["step"]), int(state["batch_in_epoch"])
-
+        at = taken.position
         # Epoch logs describe this state only at an epoch boundary (a validation's logs at
         # its step, given by the caller).
         if metrics is None:
-            metrics = self._last_logs if batch == 0 else {}
+            metrics = self._last_logs if at["batch_in_epoch"] == 0 else {}
         assert self._writer is not None  # every caller checks it
-        self._writer.save(state, copy_seconds=taken.seconds, fetch=taken.fetch, step=step,
-                          epoch=int(state["epoch"]), run_id=state.get("run_id"),
-                          batch_in_epoch=batch, reason=reason, metrics=metrics,
-                          monitor=self.monitor, mode=self._mode)
+        self._writer.save(taken.state, copy_seconds=taken.seconds, fetch=taken.fetch, **at,
+                          reason=reason, metrics=metrics, monitor=self.monitor, mode=self._mode)
         self._report_skipped()
-        self._saved_at = (step, batch)
+        self._saved_at = (at["step"], at["batch_in_epoch"])
         self._last_time = time.monotonic()
 
     def _report_skipped(self) -> None:

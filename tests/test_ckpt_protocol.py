@@ -46,10 +46,8 @@ class EveryEpoch(Callback):
 
     def on_epoch_end(self, trainer, logs):
         taken = capture(trainer, sharded=self.sharded)
-        s = taken.state
-        self.writer.save(s, fetch=taken.fetch, copy_seconds=taken.seconds, step=int(s["step"]),
-                         epoch=int(s["epoch"]), batch_in_epoch=int(s["batch_in_epoch"]),
-                         run_id=s["run_id"], reason="epoch", metrics=dict(logs))
+        self.writer.save(taken.state, fetch=taken.fetch, copy_seconds=taken.seconds,
+                         **taken.position, reason="epoch", metrics=dict(logs))
         self.params_at[trainer.step] = [np.array(a) for a in
                                         jax.tree_util.tree_leaves(trainer.params)]
 

@@ -40,28 +40,27 @@ _FLAT_DTYPES = frozenset(["bool", "int8", "int16", "int32", "int64", "uint8", "u
                           "uint32", "uint64", "float16", "bfloat16", "float32", "float64"])
 
 
-def _all_finite(leaves: list) -> jax.Array:
-    """Whether every element of the float ``leaves`` (replicated, on one set of devices) is
-    finite: one reduction per dtype over their concatenation (a reduction per leaf makes the
-    program slow to compile for a state of many leaves)."""
-    by_dtype: dict[Any, list] = {}
-    for x in leaves:
-        if jnp.issubdtype(x.dtype, jnp.inexact) and x.size:
+def _all_finite(leaves: list, *, per_leaf: bool = False) -> jax.Array:
+    """Whether every element of the float ``leaves`` is finite, as one replicated flag.
+
+    One reduction per dtype over the leaves' concatenation (a reduction per leaf makes the
+    program slow to compile for a state of many leaves); ``per_leaf`` for sharded leaves,
+    which a concatenation would gather.
+    """
+    floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact) and x.size]
+    if per_leaf:
+        flags = [jnp.all(jnp.isfinite(x)) for x in floats]
+    else:
+        by_dtype: dict[Any, list] = {}
+        for x in floats:
             by_dtype.setdefault(x.dtype, []).append(jnp.ravel(x))
-    flags = [jnp.all(jnp.isfinite(jnp.concatenate(xs))) for xs in by_dtype.values()]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
-
-
-def _finite(es: Any) -> jax.Array:
-    # A reduction per leaf: a concatenation of sharded leaves would gather them.
-    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(es.state)
-             if jnp.issubdtype(x.dtype, jnp.inexact)]
+        flags = [jnp.all(jnp.isfinite(jnp.concatenate(xs))) for xs in by_dtype.values()]
     return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def _copy_leaves(es: Any) -> tuple[Any, jax.Array]:
     copy = jax.tree_util.tree_map(jnp.copy, es)  # each copy keeps its input's sharding
-    return copy, _finite(es)
+    return copy, _all_finite(jax.tree_util.tree_leaves(es.state), per_leaf=True)
 
 
 def _as_bytes(x: jax.Array) -> jax.Array:
@@ -93,15 +92,13 @@ class _Plan:
             nbytes = int(np.prod(arr.shape, dtype=np.int64)) * arr.dtype.itemsize
             headers.append(_msgpack.array_header(tuple(arr.shape), arr.dtype.name, nbytes))
         parts = _msgpack.encode_skeleton(_tree.nest(flat, range(len(flat))), headers)
-        checked = [i for i, (path, _) in enumerate(flat)
-                   if path and _tree._key_name(path[0]) == "state"]
         consts = [np.frombuffer(p, np.uint8) if isinstance(p, bytes) else p for p in parts]
 
         def pack(es: Any) -> tuple[jax.Array, jax.Array]:
             leaves = jax.tree_util.tree_leaves(es)
             buf = jnp.concatenate([_as_bytes(leaves[p]) if isinstance(p, int)
                                    else jnp.asarray(p) for p in consts])
-            return buf, _all_finite([leaves[i] for i in checked])
+            return buf, _all_finite(jax.tree_util.tree_leaves(es.state))
 
         self.program = jax.jit(pack)
 
@@ -237,6 +234,14 @@ class Capture:
     fetch: Callable[[], dict | None]
     device_wait: float
     seconds: float
+
+    @property
+    def position(self) -> dict[str, Any]:
+        """The manifest fields that place the checkpoint in its run, for ``RunWriter.save``:
+        ``step``, ``epoch``, ``batch_in_epoch``, ``run_id``."""
+        s = self.state
+        return {"step": int(s["step"]), "epoch": int(s["epoch"]),
+                "batch_in_epoch": int(s["batch_in_epoch"]), "run_id": s.get("run_id")}
 
 
 def capture(trainer: Trainer, *, sharded: bool) -> Capture:
