@@ -71,8 +71,8 @@ class Killer(Callback):
             import time
 
             for cb in trainer.callbacks.find(ModelCheckpoint):
-                for thread, _ in cb._writer._threads[:-1]:
-                    thread.join()
+                for save in cb._writer._pending[:-1]:
+                    save.done.wait()
                 child = cb._writer._child
                 if child is not None:  # for the test: it must die with this process
                     with open(os.environ["CKPT_CHILD_PID_FILE"], "w") as f:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -209,3 +211,92 @@ def test_a_checkpoint_deleted_while_it_is_read_is_looked_for_again(tmp_path, mon
     monkeypatch.setattr(_read, "read_one", retention_strikes)
     path, manifest, _ = read_checkpoint(tmp_path)
     assert path.name == "ckpt-000003-step30" and manifest["step"] == 30
+
+
+def _save_from(writer, step, seen=None):
+    def fetch():  # runs on the writer thread
+        if seen is not None:
+            seen.append(threading.current_thread())
+        return {"state": _state(step)}
+
+    writer.save({}, fetch=fetch, step=step, epoch=step, batch_in_epoch=0, reason="epoch",
+                metrics={})
+
+
+def test_one_writer_thread_writes_every_save_and_ends_with_close(tmp_path):
+    writer = RunWriter(tmp_path, keep_last=2, keep_best=0, monitor=None, mode=None)
+    seen = []
+    for step in range(1, 5):
+        _save_from(writer, step, seen)
+    writer.wait()
+    assert len(seen) == 4 and len(set(seen)) == 1  # started once, not per save
+    assert seen[0] is not threading.current_thread() and seen[0].is_alive()
+    writer.close()
+    assert not seen[0].is_alive()
+    assert [i.step for i in list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_an_idle_writer_thread_ends_and_the_next_save_starts_another(tmp_path, monkeypatch):
+    from jaxfit.checkpoint import _writer
+
+    monkeypatch.setattr(_writer._Threads, "IDLE", 0.05)
+    writer = RunWriter(tmp_path, keep_last=None, keep_best=None, monitor=None, mode=None)
+    seen = []
+    _save_from(writer, 1, seen)
+    writer.wait()
+    seen[0].join(timeout=10)
+    assert not seen[0].is_alive()  # idle for longer than IDLE: ended without close()
+    _save_from(writer, 2, seen)
+    writer.close()
+    assert seen[1] is not seen[0] and not seen[1].is_alive()
+    assert [i.step for i in list_checkpoints(tmp_path)] == [1, 2]
+
+
+def test_retention_removes_a_checkpoint_holding_a_file_its_manifest_does_not_list(tmp_path):
+    writer = RunWriter(tmp_path, keep_last=1, keep_best=0, monitor=None, mode=None)
+    _save_from(writer, 1)
+    writer.wait()
+    (first,) = list_checkpoints(tmp_path)
+    (first.path / "notes.txt").write_text("put here by hand")
+    _save_from(writer, 2)
+    writer.close()
+    assert [i.step for i in list_checkpoints(tmp_path)] == [2]
+    assert not first.path.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+def test_retention_deletes_no_file_outside_the_run_directory_a_manifest_names(tmp_path):
+    run = tmp_path / "run"
+    writer = RunWriter(run, keep_last=1, keep_best=0, monitor=None, mode=None)
+    writer.set_recipe(b"the fit's recipe")
+    _save_from(writer, 1)
+    writer.wait()
+    (first,) = list_checkpoints(run)
+    victim = tmp_path / "recipe-0123456789abcdef.pkl"
+    victim.write_bytes(b"not the run's")
+    manifest = json.loads((first.path / "manifest.json").read_text())
+    manifest["recipe"]["file"] = "../" + victim.name  # a hand-edited (or hostile) manifest
+    (first.path / "manifest.json").write_text(json.dumps(manifest))
+    _save_from(writer, 2)
+    writer.close()
+    assert [i.step for i in list_checkpoints(run)] == [2]  # the edited one was removed
+    assert victim.read_bytes() == b"not the run's"
+    assert (run / writer.recipe_ref["file"]).exists()
+
+
+def test_temporary_names_of_a_forked_child_carry_its_own_pid(tmp_path):
+    parent = _io.tmp_name("x")
+    assert parent.startswith(f".tmp-{os.getpid()}-")
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jax warns of fork in a multithreaded process
+        pid = os.fork()
+    if pid == 0:  # the child: report its name and leave at once
+        try:
+            os.write(write, _io.tmp_name("x").encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = os.read(read, 1000).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child.startswith(f".tmp-{pid}-") and child != parent

@@ -76,6 +76,21 @@ def test_retention_keeps_newest_and_best_separately(tmp_path, data):
     assert len(cb.stats.blocking) == len(cb.stats.write) == 5
 
 
+def test_fit_returns_with_its_writer_thread_ended(tmp_path, data):
+    before = {t.ident for t in threading.enumerate()}
+    seen = []  # (the recipe pickles the callbacks: idents, not thread objects)
+
+    class Probe(Callback):
+        def on_epoch_end(self, trainer, logs):
+            seen.extend(t.ident for t in threading.enumerate()
+                        if t.name == "jaxfit-checkpoint-writer" and t.ident not in before)
+
+    make_trainer().fit(MLP(), data, epochs=3, batch_size=16, verbose=0,
+                       callbacks=[ModelCheckpoint(tmp_path / "run"), Probe()])
+    assert len(seen) == 2 and len(set(seen)) == 1  # one thread, kept from save to save
+    assert seen[0] not in {t.ident for t in threading.enumerate()}  # ended with the fit
+
+
 def test_load_then_fit_continues_bit_identically(tmp_path, data):
     x, y = data
     full = make_trainer(seed=1)

@@ -21,9 +21,8 @@ import re
 import shutil
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import BinaryIO
 
 from jaxfit.checkpoint._errors import CheckpointCorruptError
 
@@ -163,19 +162,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Writes all of ``data`` to ``fd`` (a large write may be partial)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class HashingWriter:
-    """A write-only file wrapper that counts and sha256-hashes what goes through it.
+    """A write-only wrapper of a file descriptor that counts and sha256-hashes what goes
+    through it.
 
     Small writes (msgpack headers, scalars) are gathered and hashed and written together;
-    a large buffer goes straight through (hashlib and the file write release the
-    interpreter lock for it, so a background write hardly holds up the training thread).
-    Call :meth:`flush` before the file is closed.
+    a large buffer goes straight through (hashlib and ``os.write`` release the interpreter
+    lock for it, so a background write hardly holds up the training thread). Call
+    :meth:`flush` before the file is closed.
     """
 
     _GATHER = 1 << 16
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
         self.sha256 = hashlib.sha256()
         self.size = 0
         self._small = bytearray()
@@ -190,29 +197,39 @@ class HashingWriter:
         else:
             self.flush()
             self.sha256.update(data)
-            self._raw.write(data)
+            _write_all(self._fd, data)
         return n
 
     def flush(self) -> None:
         """Hashes and writes what was gathered."""
         if self._small:
             self.sha256.update(self._small)
-            self._raw.write(self._small)
+            _write_all(self._fd, self._small)
             self._small = bytearray()
+
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) \
+    | getattr(os, "O_BINARY", 0)
 
 
 def write_file(path: Path, fill: Callable[[HashingWriter], object]) -> dict:
     """Creates ``path`` (which must not exist), lets ``fill`` write into it, fsyncs it.
 
+    The file is written through its descriptor, with no buffered file object around it: a
+    save is a few large writes, and each system call less is one hand-off of the
+    interpreter lock less for a background writer.
+
     Returns:
       ``{"sha256": hex digest, "size": bytes}`` of what was written.
     """
-    with open(path, "xb") as raw:
-        writer = HashingWriter(raw)
+    fd = os.open(path, _CREATE_FLAGS, 0o666)
+    try:
+        writer = HashingWriter(fd)
         fill(writer)
         writer.flush()
-        raw.flush()
-        os.fsync(raw.fileno())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return {"sha256": writer.sha256.hexdigest(), "size": writer.size}
 
 
@@ -243,17 +260,26 @@ def host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
-@functools.cache
-def _own_start_time(pid: int) -> int | None:
-    return _start_time(pid)  # (keyed by pid: a forked child reads its own)
+_prefix: list[str] = []  # this process's temporary-name prefix, once computed
+
+
+def _forget_prefix() -> None:
+    _prefix.clear()  # a forked child has its own pid and start time
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_prefix)
 
 
 def tmp_name(final_name: str) -> str:
     """A temporary name for ``final_name`` that records the writing process (pid, machine,
     start time), so a leftover can be told from a write under way."""
-    start = _own_start_time(os.getpid())
-    tag = "" if start is None else f"{host_tag()}.{start}-"
-    return f"{TMP_PREFIX}{os.getpid()}-{tag}{final_name}"
+    if not _prefix:
+        pid = os.getpid()
+        start = _start_time(pid)
+        tag = "" if start is None else f"{host_tag()}.{start}-"
+        _prefix.append(f"{TMP_PREFIX}{pid}-{tag}")
+    return _prefix[0] + final_name
 
 
 def replace_file(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
@@ -265,13 +291,15 @@ def replace_file(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = 
     sequence number).
     """
     tmp = path.with_name(tmp_name(path.name))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+                 | getattr(os, "O_BINARY", 0), mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            _write_all(fd, data)
             if durable:
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -289,13 +317,23 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     fsync_dir(final_dir.parent)
 
 
-def remove_dir(path: Path) -> None:
+def remove_dir(path: Path, names: Iterable[str] = ()) -> None:
     """Deletes a checkpoint directory: renamed aside first, so no half-deleted one is ever
     seen under its real name. (Not fsynced: a power loss may bring back an older
-    checkpoint whole, or one that loading finds incomplete and skips with a warning.)"""
+    checkpoint whole, or one that loading finds incomplete and skips with a warning.)
+
+    ``names`` are the files it is known to hold (its manifest's): they are unlinked by
+    name and the directory removed, a few system calls; anything else in it (or a name
+    missing) falls back to removing the whole tree.
+    """
     doomed = path.with_name(tmp_name(path.name))
     os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    try:
+        for name in names:
+            os.unlink(doomed / name)
+        os.rmdir(doomed)
+    except OSError:
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -10,6 +10,10 @@ error in the background is raised by the next ``save`` or by ``wait``.
 
 from __future__ import annotations
 
+import collections
+import functools
+import os
+import re
 import shutil
 import threading
 import time
@@ -26,6 +30,8 @@ from jaxfit.checkpoint._recipe import write_recipe
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.checkpoint import _sharded
+
+_RECIPE_NAME = re.compile(r"recipe-[0-9a-f]+\.pkl")  # as _recipe.write_recipe names them
 
 
 @dataclass
@@ -220,7 +226,9 @@ def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | No
 
     ``infos`` are the run directory's checkpoints when the caller knows them (the writer
     that made them: it holds the directory's lock), else the directory is scanned.
-    ``recipes=False`` skips the search for recipes when no checkpoint was removed.
+    ``recipes=False``: the caller knows every recipe but those of the checkpoints removed
+    here is either referred to or already gone (the writer, after its first retention), so
+    only those are candidates, and the directory is not listed.
     """
     if infos is None:
         infos = _manifest.scan(run_dir)
@@ -230,26 +238,47 @@ def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | No
     entries = [_retention.Entry(i.name, i.seq, _retention.score_of(i.metrics, monitor))
                for i in ours]
     keep = _retention.select_keep(entries, keep_last=keep_last, keep_best=keep_best, mode=mode)
-    removed = []
+    removed, dropped = [], []
     for info in ours:
         if info.name not in keep:
             try:
-                _io.remove_dir(info.path)
+                _io.remove_dir(info.path, _files_of(info.manifest))
             except FileNotFoundError:  # deleted by hand meanwhile: gone all the same
                 pass
             removed.append(info.name)
+            name = _recipe_of(info.manifest)
+            if name is not None and _RECIPE_NAME.fullmatch(name):  # a file of this directory
+                dropped.append(name)
     if not removed and not recipes:
         return removed
-    used = set(protect)
+    used: set[str | None] = set(protect)
     for info in infos:
-        if info.name not in removed and info.manifest is not None \
-                and isinstance(info.manifest.get("recipe"), dict):
-            used.add(info.manifest["recipe"].get("file"))
-    for recipe in run_dir.glob("recipe-*.pkl"):
-        if recipe.name not in used:
-            recipe.unlink(missing_ok=True)
-            removed.append(recipe.name)
+        if info.name not in removed:
+            used.add(_recipe_of(info.manifest))
+    # Every recipe file of the directory, or only those the removed checkpoints named.
+    candidates = [p.name for p in run_dir.glob("recipe-*.pkl")] if recipes \
+        else sorted(set(dropped))
+    for name in candidates:
+        if name not in used:
+            (run_dir / name).unlink(missing_ok=True)
+            removed.append(name)
     return removed
+
+
+def _recipe_of(manifest: dict | None) -> str | None:
+    """The recipe file a checkpoint's manifest refers to (None: none, or unreadable)."""
+    recipe = manifest.get("recipe") if isinstance(manifest, dict) else None
+    name = recipe.get("file") if isinstance(recipe, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _files_of(manifest: dict | None) -> list[str]:
+    """The files a checkpoint directory holds by its manifest (the manifest last)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    # Plain names only: a manifest read from disk never names a path outside its directory.
+    names = [n for n in files if isinstance(n, str) and n not in ("", ".", "..")
+             and os.path.basename(n) == n] if isinstance(files, dict) else []
+    return [*names, _manifest.MANIFEST_FILE]
 
 
 class Known:
@@ -283,6 +312,73 @@ class Known:
 def perform(known: Known, job: dict) -> int:
     """Writes one whole checkpoint job and applies retention; returns the checkpoint's size."""
     return known.retain(*_write_whole(known.run_dir, **job))
+
+
+class _Save:
+    """One save handed to the writer threads: ``sent`` is set once its job is sent to the
+    writer process (or never will be), ``done`` once it is written, skipped or failed."""
+
+    __slots__ = ("sent", "done")
+
+    def __init__(self) -> None:
+        self.sent, self.done = threading.Event(), threading.Event()
+
+
+class _Threads:
+    """The writer threads of one :class:`RunWriter`, kept from one save to the next.
+
+    Starting a thread per save cost the training thread ~0.35 ms a save (``Thread.start``
+    waits until the new thread has run): these are started at the first saves, at most
+    ``size`` of them, and each ends after ``IDLE`` seconds without work or at :meth:`close`.
+    They are not daemons, so interpreter exit still waits for a write under way.
+    """
+
+    IDLE = 5.0
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._cond = threading.Condition()
+        self._tasks: collections.deque[Callable[[], None]] = collections.deque()
+        self._alive: list[threading.Thread] = []
+        self._closed = False
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._cond:
+            self._tasks.append(task)
+            if len(self._alive) < self.size:
+                thread = threading.Thread(target=self._loop, name="jaxfit-checkpoint-writer",
+                                          daemon=False)
+                self._alive.append(thread)
+                thread.start()
+            else:
+                self._cond.notify()
+
+    def _loop(self) -> None:
+        me = threading.current_thread()
+        with self._cond:
+            try:
+                while True:
+                    if self._tasks:
+                        task = self._tasks.popleft()
+                        self._cond.release()
+                        try:
+                            task()  # (a save's task catches everything itself)
+                        finally:
+                            del task  # an idle thread keeps no writer alive
+                            self._cond.acquire()
+                    elif self._closed or not (self._cond.wait(self.IDLE) or self._tasks):
+                        return
+            finally:
+                self._alive.remove(me)
+
+    def close(self) -> None:
+        """Ends the threads once the tasks queued are done."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            threads = list(self._alive)
+        for thread in threads:
+            thread.join()
 
 
 class RunWriter:
@@ -328,13 +424,15 @@ class RunWriter:
             _io.remove_stale_tmp(run_dir)
             existing = [_manifest.parse_name(p.name) for p in run_dir.iterdir()]
             self._next_seq = 1 + max((p[0] for p in existing if p), default=0)
-        # The saves under way, oldest first: each one's thread and its job's "sent" event.
-        self._threads: list[tuple[threading.Thread, threading.Event]] = []
+        # The saves under way, oldest first, and the threads that write them.
+        self._pending: list[_Save] = []
+        self._pool: _Threads | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._skipped: list[int] = []
         self._known = Known(run_dir, **self.retention)
         self._child: _child.WriterProcess | None = None
+        self._had_child = False  # a writer process was started (it may have died since)
         if process and background and not sharded and _child.SUPPORTED:
             try:
                 self._child = _child.WriterProcess(run_dir, self.retention, lock_fd)
@@ -343,6 +441,7 @@ class RunWriter:
                               f"({err}); checkpoints are written by a thread of the training "
                               "process", RuntimeWarning, stacklevel=3)
             else:
+                self._had_child = True
                 # A writer dropped without close() (a fit that never reached its end) ends
                 # its child when it is collected.
                 self._finalizer = weakref.finalize(self, self._child.close)
@@ -372,8 +471,8 @@ class RunWriter:
         # One write at a time, or with a writer process one more queued behind it (its
         # snapshot waits in memory); also re-raises a failed earlier write.
         depth = 2 if self._child is not None else 1
-        while len(self._threads) >= depth:
-            self._threads.pop(0)[0].join()
+        while len(self._pending) >= depth:
+            self._pending.pop(0).done.wait()
         self._raise_pending()
         if fetch is None and self.sharded != (shards is not None):
             raise ValueError(f"a {'sharded' if self.sharded else 'whole'} RunWriter was given "
@@ -385,15 +484,17 @@ class RunWriter:
         if self.sharded:
             job.update(peers=self.peers, save=self._saves)
             self._saves += 1  # the same count on every process: it names the save for the peers
-        sent = threading.Event()
+        this = _Save()
         if self.background:
-            prev = self._threads[-1] if self._threads else None
-            thread = threading.Thread(target=self._run, args=(job, prev, sent),
-                                      name="jaxfit-checkpoint-writer", daemon=False)
-            thread.start()
-            self._threads.append((thread, sent))
+            prev = self._pending[-1] if self._pending else None
+            if self._pool is None or self._pool.size != depth:  # (a child that died: 1)
+                if self._pool is not None:
+                    self._pool.close()
+                self._pool = _Threads(depth)
+            self._pool.submit(functools.partial(self._run, job, prev, this))
+            self._pending.append(this)
         else:
-            self._run(job, None, sent)
+            self._run(job, None, this)
             self._raise_pending()
         self.stats.blocking.append(copy_seconds + time.perf_counter() - start)
         self.stats.copy.append(copy_seconds)
@@ -404,11 +505,10 @@ class RunWriter:
             out, self._skipped = self._skipped, []
         return out
 
-    def _run(self, job: dict, prev: tuple[threading.Thread, threading.Event] | None,
-             sent: threading.Event) -> None:
-        """One save, on its writer thread. With a writer process, ``prev`` is the save
-        before (still under way, or None): this one's job is sent after that one's, and its
-        reply read after that one's; ``sent`` is set once this job is sent (or never will be)."""
+    def _run(self, job: dict, prev: _Save | None, this: _Save) -> None:
+        """One save (``this``), on a writer thread. With a writer process, ``prev`` is the
+        save before (still under way, or None): this one's job is sent after that one's, and
+        its reply read after that one's."""
         began = time.perf_counter()
         try:
             fetch = job.pop("fetch")
@@ -427,18 +527,19 @@ class RunWriter:
             child = self._child
             if child is not None:
                 if prev is not None:
-                    prev[1].wait()
+                    prev.sent.wait()
                 if not child.send(job):
                     child = None
-            sent.set()
+            this.sent.set()
             if prev is not None:
-                prev[0].join()  # its reply comes first (and its fallback, if the child died)
+                prev.done.wait()  # its reply comes first (and its fallback, if the child died)
             self.stats.nbytes.append(self._write(job, child))
             self.stats.write.append(time.perf_counter() - began)
         except BaseException as err:  # handed to the training thread by wait()/save()
             self._error = err
         finally:
-            sent.set()
+            this.sent.set()
+            this.done.set()
 
     def _write(self, job: dict, child: _child.WriterProcess | None) -> int:
         """Writes a whole checkpoint: the writer process's reply to the job sent to
@@ -458,7 +559,7 @@ class RunWriter:
                           "this and later checkpoints are written by a thread of the "
                           "training process", RuntimeWarning, stacklevel=2)
         done = self.run_dir / _manifest.checkpoint_name(job["seq"], job["step"])
-        if done.is_dir():  # published by the writer process just before it died
+        if self._had_child and done.is_dir():  # published by the writer process before it died
             return sum(f.stat().st_size for f in done.iterdir() if f.name != _manifest.MANIFEST_FILE)
         return perform(self._known, job)
 
@@ -476,8 +577,8 @@ class RunWriter:
 
     def wait(self) -> None:
         """Blocks until the writes under way (if any) are on disk; re-raises an error."""
-        while self._threads:
-            self._threads.pop(0)[0].join()
+        while self._pending:
+            self._pending.pop(0).done.wait()
         self._raise_pending()
 
     def close(self) -> None:
@@ -486,6 +587,9 @@ class RunWriter:
         try:
             self.wait()
         finally:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.close()
             child, self._child = self._child, None
             if child is not None:
                 self._finalizer.detach()
