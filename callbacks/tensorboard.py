@@ -102,6 +102,9 @@ class TensorBoard(Callback):
         self._purge = trainer.step + 1 if trainer.step > 0 else None
         self._every.start(trainer.step)
 
+    def wants_batch_hooks(self, trainer: Trainer) -> bool:
+        return self.every_n_steps is not None and self._active
+
     def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         if not self._every.due(trainer.step) or not self._active:
             return

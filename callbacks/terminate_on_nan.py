@@ -77,6 +77,9 @@ class TerminateOnNaN(Callback):
         self.detected_at_step = None
         self._every.start(trainer.step)
 
+    def wants_batch_hooks(self, trainer: Trainer) -> bool:
+        return self.every_n_steps is not None
+
     def on_train_batch_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         if not self._every.due(trainer.step):
             return

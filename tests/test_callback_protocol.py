@@ -200,7 +200,8 @@ def test_an_error_in_wants_batch_hooks_names_the_callback(data):
 
 
 def test_builtins_decline_batch_hooks_that_would_do_nothing(data, tmp_path):
-    from jaxfit.callbacks import ModelCheckpoint, RichProgress, Timer
+    pytest.importorskip("tensorboardX")
+    from jaxfit.callbacks import ModelCheckpoint, RichProgress, TensorBoard, TerminateOnNaN, Timer
 
     x, y = data
 
@@ -224,3 +225,11 @@ def test_builtins_decline_batch_hooks_that_would_do_nothing(data, tmp_path):
     make_trainer().fit(MLP(), (x, y), epochs=1, batch_size=16, verbose=0,
                        callbacks=[by_step, RichProgress(live=True), seen])
     assert seen.per_epoch == [["ModelCheckpoint", "RichProgress"]]
+    seen.per_epoch = []
+    for every, wanted in ((None, []), (3, ["TensorBoard", "TerminateOnNaN"])):
+        seen.per_epoch = []
+        make_trainer().fit(MLP(), (x, y), epochs=1, batch_size=16, verbose=0,
+                           callbacks=[TerminateOnNaN(every_n_steps=every),
+                                      TensorBoard(tmp_path / f"tb{every}", every_n_steps=every),
+                                      seen])
+        assert seen.per_epoch == [wanted]  # a batch hook only with every_n_steps

@@ -13,7 +13,7 @@ from jaxfit.callbacks import CSVLogger, LambdaCallback, LearningRateMonitor
 
 
 def read(path):
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -108,3 +108,17 @@ def test_separator(tmp_path):
     assert path.read_text().splitlines()[0] == "epoch\tloss\taccuracy"
     with pytest.raises(ConfigError, match="separator must be one character"):
         CSVLogger(path, separator=", ")
+
+
+def test_the_file_is_utf8_whatever_the_locale(tmp_path):
+    path = tmp_path / "log.csv"
+
+    def named(trainer, logs):
+        logs["überschuss_µ"] = f"größe {trainer.epoch}"  # not ASCII: header and rows
+
+    make_trainer().fit(MLP(), tiny_data(), epochs=2, batch_size=16,
+                       callbacks=[LambdaCallback(on_epoch_end=named), CSVLogger(path)])
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    # (epoch 1's row comes with the header, in a rewrite; epoch 2's is appended)
+    assert [r["überschuss_µ"] for r in rows] == ["größe 1", "größe 2"]
