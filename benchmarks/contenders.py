@@ -149,6 +149,11 @@ CONTENDERS: dict[str, Contender] = {
             _jaxfit(callbacks=True, background=False), prepare=_import_jaxfit, default=False,
         ),
         Contender(
+            "jaxfit-process",
+            "jaxfit fit + everyday callbacks, ModelCheckpoint(background=\"process\")",
+            _jaxfit(callbacks=True, background="process"), prepare=_import_jaxfit, default=False,
+        ),
+        Contender(
             "jaxfit-spe", "jaxfit steps_per_execution=16", _jaxfit(steps_per_execution=16),
             prepare=_import_jaxfit,
         ),
