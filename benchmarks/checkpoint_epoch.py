@@ -14,8 +14,13 @@ epochs after the first ``--skip``):
   the writer thread's user and system CPU per save (``getrusage(RUSAGE_THREAD)``, Linux:
   means, as the kernel counts them in clock ticks).
 
+Two more writers take parts of the save away, to find where its cost lies (diagnostics,
+not ways to run): ``no-fsync`` makes ``os.fsync`` a no-op during the fit, ``no-write``
+skips the write and retention (the writer thread still fetches the snapshot).
+
     python -m benchmarks.checkpoint_epoch                  # 3 pairs of 40 epochs
     python -m benchmarks.checkpoint_epoch --reps 5 --epochs 60
+    python -m benchmarks.checkpoint_epoch --writers thread,no-fsync,no-write
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import tempfile
 import time
 from contextlib import redirect_stdout
 
-_WRITERS: dict[str, bool | str] = {"process": "process", "thread": True}
+_WRITERS: dict[str, bool | str] = {"process": "process", "thread": True, "no-fsync": True,
+                                   "no-write": True}
 
 
 def _median_ms(values) -> float:
@@ -46,7 +52,7 @@ def _process_cpu(pid: int) -> tuple[float, float]:
 
 
 def run_once(checkpoint: bool, epochs: int, skip: int, background: bool | str = True,
-             spare: int | None = None) -> dict:
+             spare: int | None = None, knockout: str | None = None) -> dict:
     import jaxfit.checkpoint._writer as writer_module
     from benchmarks.jaxfit_contender import everyday_callbacks
     from benchmarks.workloads import WORKLOADS
@@ -96,12 +102,18 @@ def run_once(checkpoint: bool, epochs: int, skip: int, background: bool | str = 
         trainer = Trainer(optimizer=w.make_optimizer(inject=True, constant=True),
                           loss="softmax_cross_entropy", seed=0)
         writer_module.RunWriter._run = timed_run
+        real_fsync, real_perform = os.fsync, writer_module.perform
+        if knockout == "no-fsync":
+            os.fsync = lambda fd: None
+        elif knockout == "no-write":
+            writer_module.perform = lambda known, job: 0
         try:
             with redirect_stdout(io.StringIO()):  # RichProgress's lines
                 trainer.fit(w.make_model(), w.data(), epochs=epochs, batch_size=w.batch_size,
                             callbacks=[*callbacks, marks], verbose=0)
         finally:
             writer_module.RunWriter._run = real_run
+            os.fsync, writer_module.perform = real_fsync, real_perform
     ends, per = marks.ends[skip:], marks.epochs[skip:]
     out = {
         "epoch ms": _median_ms([b - a for a, b in zip(ends, ends[1:])]),
@@ -130,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip", type=int, default=5, help="first epochs left out")
     p.add_argument("--writers", default="process,thread",
                    help="ModelCheckpoint's writers to compare: process "
-                        "(background='process'), thread (the default background=True)")
+                        "(background='process'), thread (the default background=True); "
+                        "no-fsync and no-write: the thread with a part of the save left out")
     p.add_argument("--spare-core", action="store_true",
                    help="train on one CPU and give the writer process another (Linux): what "
                         "the writer costs where training leaves a core free")
@@ -140,13 +153,16 @@ def main(argv: list[str] | None = None) -> None:
         cpus = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpus[0]})
         spare = cpus[-1]
-    variants = {"without ModelCheckpoint": (False, True)}
+    variants = {"without ModelCheckpoint": (False, True, None)}
     for writer in args.writers.split(","):
-        variants[f"with ModelCheckpoint ({writer})"] = (True, _WRITERS[writer])
+        if writer not in _WRITERS:
+            p.error(f"--writers: {writer!r} is not one of {', '.join(_WRITERS)}")
+        variants[f"with ModelCheckpoint ({writer})"] = (
+            True, _WRITERS[writer], writer if writer.startswith("no-") else None)
     rows: dict[str, list[dict]] = {label: [] for label in variants}
     for rep in range(args.reps):
-        for label, (checkpoint, background) in variants.items():
-            got = run_once(checkpoint, args.epochs, args.skip, background, spare)
+        for label, (checkpoint, background, knockout) in variants.items():
+            got = run_once(checkpoint, args.epochs, args.skip, background, spare, knockout)
             rows[label].append(got)
             print(f"rep {rep + 1} {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()),
                   file=sys.stderr, flush=True)
