@@ -49,3 +49,21 @@ def test_all_builtin_callbacks_include_each_plugin(tmp_path, name):
 
     made = overheads.all_builtin_callbacks(WORKLOADS["W1"], epochs=2, workdir=str(tmp_path))
     assert name in [type(c).__name__ for c in made]
+
+
+def test_save_syscalls_counts_the_calls_between_the_marks_once_each():
+    from benchmarks.save_syscalls import count
+
+    log = """\
+12  openat(AT_FDCWD, "/x", O_RDONLY) = 3
+12  write(2, "=====MARK=====\\n", 15) = 15
+12  mkdir("/r/.tmp-1", 0777 <unfinished ...>
+13  futex(0x7f, FUTEX_WAKE_PRIVATE, 1) = 1
+12  <... mkdir resumed>)              = 0
+12  fsync(4)                          = 0
+12  fsync(5)                          = 0
+12  write(2, "=====END=====\\n", 14) = 14
+12  rename("/a", "/b") = 0
+""".splitlines()
+    counted, apart = count(log)
+    assert counted == {"mkdir": 1, "fsync": 2} and apart == {"futex": 1}
