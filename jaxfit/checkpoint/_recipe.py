@@ -157,6 +157,15 @@ def _find_unpicklable(obj: Any, path: str = "recipe", depth: int = 0) -> str:
     return f"{path} ({type(obj).__name__})"
 
 
+def recipe_file(ref: object) -> str | None:
+    """The file a manifest's recipe entry ``{"file": ...}`` names, when it is a recipe of the
+    run directory itself (a plain ``recipe-...`` name, no path); else None."""
+    name = ref.get("file") if isinstance(ref, dict) else None
+    if isinstance(name, str) and Path(name).name == name and name.startswith("recipe-"):
+        return name
+    return None
+
+
 def write_recipe(run_dir: Path, payload: bytes) -> dict:
     """Stores a packed recipe in the run directory under a content-derived name.
 
@@ -233,9 +242,8 @@ def load_recipe(run_dir: Path, ref: dict, *, trusted: bool = False,
         size, fails its checksum, or the manifest's reference to it is malformed.
       UntrustedRecipeError: ownership/permissions checks failed and ``trusted`` is False.
     """
-    name = ref.get("file") if isinstance(ref, dict) else None
-    if (not isinstance(name, str) or Path(name).name != name or not name.startswith("recipe-")
-            or not isinstance(ref.get("sha256"), str)):
+    name = recipe_file(ref)
+    if name is None or not isinstance(ref.get("sha256"), str):
         raise CheckpointCorruptError(f"the manifest's recipe entry {ref!r} is malformed")
     size = ref.get("size")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool)):

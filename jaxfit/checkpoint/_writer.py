@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
-import re
 import shutil
 import threading
 import time
@@ -26,12 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from jaxfit.checkpoint import _child, _io, _manifest, _msgpack, _retention
 from jaxfit.checkpoint._errors import CheckpointError
-from jaxfit.checkpoint._recipe import write_recipe
+from jaxfit.checkpoint._recipe import recipe_file, write_recipe
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxfit.checkpoint import _sharded
-
-_RECIPE_NAME = re.compile(r"recipe-[0-9a-f]+\.pkl")  # as _recipe.write_recipe names them
 
 
 @dataclass
@@ -241,23 +237,21 @@ def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | No
     removed, dropped = [], []
     for info in ours:
         if info.name not in keep:
+            manifest = info.manifest
+            assert manifest is not None  # (ours have one)
             try:
-                _io.remove_dir(info.path, _files_of(info.manifest))
+                _io.remove_dir(info.path, _files_of(manifest))
             except FileNotFoundError:  # deleted by hand meanwhile: gone all the same
                 pass
             removed.append(info.name)
-            name = _recipe_of(info.manifest)
-            if name is not None and _RECIPE_NAME.fullmatch(name):  # a file of this directory
-                dropped.append(name)
+            dropped.append(recipe_file(manifest.get("recipe")))
     if not removed and not recipes:
         return removed
-    used: set[str | None] = set(protect)
-    for info in infos:
-        if info.name not in removed:
-            used.add(_recipe_of(info.manifest))
+    used = set(protect) | {recipe_file(i.manifest.get("recipe")) for i in infos
+                           if i.manifest is not None and i.name not in removed}
     # Every recipe file of the directory, or only those the removed checkpoints named.
     candidates = [p.name for p in run_dir.glob("recipe-*.pkl")] if recipes \
-        else sorted(set(dropped))
+        else sorted({name for name in dropped if name is not None})
     for name in candidates:
         if name not in used:
             (run_dir / name).unlink(missing_ok=True)
@@ -265,20 +259,10 @@ def apply_retention(run_dir: Path, *, keep_last: int | None, keep_best: int | No
     return removed
 
 
-def _recipe_of(manifest: dict | None) -> str | None:
-    """The recipe file a checkpoint's manifest refers to (None: none, or unreadable)."""
-    recipe = manifest.get("recipe") if isinstance(manifest, dict) else None
-    name = recipe.get("file") if isinstance(recipe, dict) else None
-    return name if isinstance(name, str) else None
-
-
-def _files_of(manifest: dict | None) -> list[str]:
-    """The files a checkpoint directory holds by its manifest (the manifest last)."""
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    # Plain names only: a manifest read from disk never names a path outside its directory.
-    names = [n for n in files if isinstance(n, str) and n not in ("", ".", "..")
-             and os.path.basename(n) == n] if isinstance(files, dict) else []
-    return [*names, _manifest.MANIFEST_FILE]
+def _files_of(manifest: dict) -> list[str]:
+    """The files a checkpoint directory holds by its manifest, the manifest last (plain
+    names: ``read_manifest`` refuses a manifest listing any other)."""
+    return [*manifest["files"], _manifest.MANIFEST_FILE]
 
 
 class Known:
@@ -487,9 +471,7 @@ class RunWriter:
         this = _Save()
         if self.background:
             prev = self._pending[-1] if self._pending else None
-            if self._pool is None or self._pool.size != depth:  # (a child that died: 1)
-                if self._pool is not None:
-                    self._pool.close()
+            if self._pool is None:  # (kept if the child dies: a thread may idle then)
                 self._pool = _Threads(depth)
             self._pool.submit(functools.partial(self._run, job, prev, this))
             self._pending.append(this)
