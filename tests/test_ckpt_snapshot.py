@@ -17,7 +17,7 @@ from flax import struct
 
 from jaxfit import _state
 from jaxfit.checkpoint import RunWriter, _io, _msgpack, read_checkpoint
-from jaxfit.checkpoint._snapshot import Snapshot, fetcher
+from jaxfit.checkpoint._snapshot import Snapshot, fetcher, owned_copy
 
 
 @struct.dataclass
@@ -132,6 +132,37 @@ def test_lists_of_scalars_encode_as_the_element_by_element_walk():
     assert _msgpack.encode(values) == walked
     with pytest.raises(OverflowError, match=r"integer at 'h/2' does not fit in 64 bits"):
         _msgpack.encode({"h": [1, 2, 2**64]})
+
+
+def test_dicts_of_scalars_encode_as_the_item_by_item_walk():
+    records = [{"step": 3, "epoch": 1, "val_loss": 0.25}, {}, {"name": "x", "flag": None},
+               {f"k{i:02d}": float(i) for i in range(20)}]  # 16 or more: a longer header
+    packer = _msgpack.msgpack.Packer(use_bin_type=True)
+
+    def walked(d):
+        return packer.pack_map_header(len(d)) + b"".join(
+            packer.pack(k) + packer.pack(v) for k, v in d.items())
+
+    for record in records:
+        assert _msgpack.encode(record) == walked(record)
+    with pytest.raises(OverflowError, match=r"integer at 'v/k' does not fit in 64 bits"):
+        _msgpack.encode({"v": {"k": 2**64}})
+    with pytest.raises(TypeError, match=r"dict key 1 at 'v' is a int"):
+        _msgpack.encode({"v": {1: 0.5}})
+
+
+def test_the_host_part_of_a_save_is_a_copy_the_fit_cannot_change():
+    history = {"loss": [0.5, 0.25], "validations": [{"step": 2, "val_loss": 0.75}]}
+    base = np.arange(4.0)
+    state = {"history": history, "views": [base[1:]], "nested": [[1.0], {"a": base[:2]}]}
+    copy = owned_copy(state)
+    history["loss"].append(0.125)  # the fit goes on while the writer thread writes
+    history["validations"][0]["val_loss"] = 9.0
+    base[:] = -1.0
+    assert copy["history"] == {"loss": [0.5, 0.25],
+                               "validations": [{"step": 2, "val_loss": 0.75}]}
+    assert copy["views"][0].tolist() == [1.0, 2.0, 3.0]
+    assert copy["nested"][1]["a"].tolist() == [0.0, 1.0]
 
 
 def test_hashing_writer_gathers_small_writes_without_changing_bytes_or_digest(tmp_path):

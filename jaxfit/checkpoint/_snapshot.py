@@ -207,8 +207,14 @@ def owned_copy(tree: Any) -> Any:
     writes. (The arrays of the train state are copied on the devices instead.)
     """
     if isinstance(tree, dict):
+        if _msgpack.only_plain(tree.values()):  # (a validation record): copied in C
+            return dict(tree)
         return {k: owned_copy(v) for k, v in tree.items()}
     if isinstance(tree, list):
+        # A history's lists grow by an entry an epoch: copied in C, not walked in Python
+        # (a checkpoint every epoch would otherwise cost more at each epoch than the last).
+        if _msgpack.only_plain(tree):
+            return list(tree)
         return [owned_copy(v) for v in tree]
     if isinstance(tree, np.ndarray) and tree.base is not None:
         return tree.copy()
