@@ -40,6 +40,23 @@ def same_structure(a: Any, b: Any) -> bool:
     return bool(jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b))  # type: ignore[operator]
 
 
+def aval_key(*trees: Any) -> tuple | None:
+    """A hashable key of the trees' structures and their leaves' shapes and dtypes (what a
+    trace of them depends on, as jit's cache sees it); None when a tree's structure cannot
+    be hashed (a pytree with an unhashable static field)."""
+    parts: list = []
+    for tree in trees:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        parts.append(treedef)
+        parts.append(tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves))
+    key = tuple(parts)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def _key_impl(leaf: Any) -> Any:
     """The PRNG implementation of a typed key, or of a template of one (``eval_shape``)."""
     if isinstance(leaf, jax.ShapeDtypeStruct):

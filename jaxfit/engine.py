@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxfit._placement import state_shardings, unalias, unbox_linen
-from jaxfit._tree import batch_rows, same_structure
+from jaxfit._tree import aval_key, batch_rows, same_structure
 from jaxfit.errors import ConfigError, ShapeError
 from jaxfit.hyperparams import HyperparamSlot, find_slots, node_at, with_values
 from jaxfit.metrics import Average, MetricState, as_state, merge
@@ -70,6 +70,9 @@ class Engine:
         self._compiled: dict[Any, Callable] = {}
         self._zeros: dict[str, Callable] = {}
         self.templates: dict[str, Any] = {}
+        # The (step, state, batch) shapes whose logs are known to match the templates: a fit
+        # that trains on them again traces nothing before its first step (see check).
+        self._checked: set[tuple] = set()
         self.order: dict[str, list[str]] = {}
         # On a mesh (init_state with a plan): the EngineState's NamedSharding tree, pinned
         # as the programs' out_shardings so the layout never drifts (or gathers).
@@ -138,10 +141,20 @@ class Engine:
         self.templates["train"] = jax.eval_shape(train_logs, es.state, batch, ctx_t)
         self.templates["eval"] = jax.eval_shape(eval_logs, es.state, batch, ctx_e)
         self._zeros.clear()
+        self._checked.clear()
+        shapes = aval_key(es.state, batch)
+        if shapes is not None:  # a check on these shapes would trace the same
+            self._checked.update({("train", shapes), ("eval", shapes)})
 
     def check(self, es: EngineState, batch: Any, which: str) -> None:
         """Trace the train or eval step on ``batch`` abstractly (errors before any work) and
-        check that its logs have the structure the epoch sums were made for."""
+        check that its logs have the structure the epoch sums were made for. Shapes
+        already checked (every fit of a run checks its first batch) are not traced again:
+        the step's trace depends on nothing else, as jit's cache assumes too."""
+        shapes = aval_key(es.state, batch)
+        key = None if shapes is None else (which, shapes)
+        if key is not None and key in self._checked:
+            return
         mask = _example_mask(batch)
         ctx = StepContext(key=self.train_key, step=es.step, mask=mask, train=which == "train")
         run = self.step.train_step if which == "train" else self.step.eval_step
@@ -157,6 +170,8 @@ class Engine:
                 f"the {which} step returns logs {sorted(got)} for this batch, but "
                 f"{sorted(want)} for the first one: return the same keys for every batch"
             )
+        if key is not None:
+            self._checked.add(key)
 
     @staticmethod
     def _as_states(logs: Any, ctx: StepContext) -> dict[str, MetricState]:

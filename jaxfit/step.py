@@ -33,7 +33,7 @@ from flax import nnx, struct
 from flax.core import meta as nn_meta
 
 from jaxfit._reduce import resolve
-from jaxfit._tree import batch_rows, same_structure
+from jaxfit._tree import aval_key, batch_rows, same_structure
 from jaxfit.data import split_dict
 from jaxfit.errors import ConfigError, DataError
 from jaxfit.losses import LOSSES
@@ -308,6 +308,7 @@ class LossStep(Step):
         self.tx = optimizer
         self.form = loss_form(loss)
         self.input_keys, self.target_keys = input_keys, target_keys
+        self._outputs: dict[tuple, Any] = {}  # check_targets: the outputs' shape, by input shapes
         self.metric_fns: dict[str, Callable] = {}
         for spec in metrics:
             name, fn = resolve_metric(spec)
@@ -425,9 +426,16 @@ class LossStep(Step):
         y = getattr(y, "dtype", None) is not None and y
         if y is False or not jnp.issubdtype(y.dtype, jnp.integer):
             return
-        ctx = StepContext(key=jax.random.key(0), step=jnp.zeros((), jnp.int32), mask=None, train=False)
         head = jax.tree_util.tree_map(lambda a: a[:2], x)
-        out = jax.eval_shape(lambda s, b: self.predict_step(s, b, ctx), state, head)
+        shapes = aval_key(state, head)  # each fit checks its labels: the model is traced once
+        out = self._outputs.get(shapes) if shapes is not None else None
+        if out is None:
+            ctx = StepContext(key=jax.random.key(0), step=jnp.zeros((), jnp.int32), mask=None, train=False)
+            out = jax.eval_shape(lambda s, b: self.predict_step(s, b, ctx), state, head)
+            if shapes is not None:
+                if len(self._outputs) >= 8:  # a run trains on one or two shapes: bounded
+                    self._outputs.clear()
+                self._outputs[shapes] = out
         classes = getattr(out, "shape", (None,))[-1]
         lo, hi = int(y.min()), int(y.max())
         if classes is not None and (lo < 0 or hi >= classes):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from conftest import MLP, make_trainer, sgd
 
 from jaxfit import Trainer
@@ -231,3 +232,31 @@ def test_a_dataloader_of_tensors(data):
     b.fit(MLP(), [(x[i : i + 16], y[i : i + 16]) for i in range(0, 70, 16)], epochs=2)
     assert a.history.history["loss"] == b.history.history["loss"]
     assert a.fit_config["steps_per_epoch"] == 5
+
+
+class _CountingMLP(nn.Module):
+    """The suite's MLP, counting how often it is traced (its Python body runs once a trace)."""
+
+    @nn.compact
+    def __call__(self, x):
+        _TRACES.append(x.shape)
+        return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+
+_TRACES: list = []
+
+
+def test_a_fit_on_shapes_already_checked_traces_nothing_before_training(data):
+    # A fit checks its first batch abstractly (shape errors before any work); a later fit
+    # of the run on the same shapes has nothing new to learn from that trace.
+    x, y = data
+    trainer = make_trainer()
+    _TRACES.clear()
+    trainer.fit(_CountingMLP(), (x, y), epochs=1, batch_size=16)
+    first = len(_TRACES)
+    trainer.fit(epochs=3)
+    assert len(_TRACES) == first and trainer.epoch == 3
+    # Other shapes are checked again: a batch the model cannot take fails before a step.
+    with pytest.raises(Exception, match=r"has shape \(4, 8\)"):
+        trainer.fit(data=(x[:, :3], y), epochs=4, batch_size=16)
+    assert trainer.step == 15
