@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
 from conftest import MLP, make_trainer, sgd
+from flax import linen as nn
 
 from jaxfit import Trainer
 
