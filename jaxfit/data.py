@@ -145,6 +145,9 @@ class ArrayData:
         self.seed = seed
         self.drop_remainder = drop_remainder
         self.pad_multiple = pad_multiple
+        # The next epoch's order, drawn while the device still runs this epoch's last steps
+        # (not after the epoch's end has waited for them): (epoch, permutation).
+        self._ahead: tuple[int, np.ndarray] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -158,6 +161,9 @@ class ArrayData:
     def order(self, epoch: int) -> np.ndarray | None:
         if not self.shuffle:
             return None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == epoch:
+            return ahead[1]
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
     def executions(self, epoch: int, start: int = 0, k: int = 1, position: Any = None,
@@ -198,6 +204,9 @@ class ArrayData:
                 out = _pad(out, padded)
             yield Execution(jax.tree_util.tree_unflatten(treedef, out), (n,), padded)
             i += 1
+        if self.shuffle and i == self.steps_per_epoch:
+            # The loop draws the epoch's last execution from here while the one before runs.
+            self._ahead = (epoch + 1, np.random.default_rng([self.seed, epoch + 1]).permutation(self.n))
 
     def example(self) -> Any:
         """A first batch, for shape inference and initialisation."""

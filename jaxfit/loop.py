@@ -258,8 +258,9 @@ def _step_validation_due(trainer: Trainer, every: int | None, k: int, per_epoch:
 
 
 def _end_epoch(trainer: Trainer, epoch: int, val: Any) -> None:
-    logs = trainer._engine.compute("train", trainer.engine_state.metrics)  # type: ignore[union-attr]
-    _reset_metrics(trainer)
+    metrics = trainer.engine_state.metrics
+    _reset_metrics(trainer)  # dispatched before the fetch below waits for the epoch's steps
+    logs = trainer._engine.compute("train", metrics)  # type: ignore[union-attr]
     if val is not None and epoch % trainer.fit_config["validation_freq"] == 0:
         logs.update(_validate(trainer, val))
     trainer._epochs_completed, trainer.batch_in_epoch = epoch, 0

@@ -257,3 +257,23 @@ def test_steps_per_epoch_for_arrays_is_an_error():
     x, y = _ragged()
     with pytest.raises(ConfigError, match="steps_per_epoch=3 is for an iterable"):
         Trainer(optimizer=optax.sgd(0.1)).fit(BNNet(), (x, y), steps_per_epoch=3, verbose=0)
+
+
+def test_an_epochs_order_drawn_ahead_is_the_one_it_would_draw_itself():
+    # The next epoch's permutation is drawn while the last steps of an epoch run: whichever
+    # epoch is asked for next, its batches are those a fresh source gives for it.
+    from jaxfit.data import ArrayData
+
+    x = np.arange(50, dtype=np.float32)[:, None]
+    data = (x, np.arange(50))
+
+    def batches(source, epoch, **kw):
+        return [np.asarray(ex.batch[1]).tolist() for ex in source.executions(epoch, **kw)]
+
+    ahead = ArrayData(data, 8, shuffle=True, seed=3)
+    batches(ahead, 1)  # the whole epoch: epoch 2's order is drawn ahead
+    assert batches(ahead, 2) == batches(ArrayData(data, 8, shuffle=True, seed=3), 2)
+    batches(ahead, 3, limit=2)  # a partial epoch (max_steps) draws nothing ahead
+    batches(ahead, 2)
+    assert batches(ahead, 5) == batches(ArrayData(data, 8, shuffle=True, seed=3), 5)
+    assert batches(ahead, 2) != batches(ahead, 3)
