@@ -21,6 +21,7 @@ skips the write and retention (the writer thread still fetches the snapshot).
     python -m benchmarks.checkpoint_epoch                  # 3 pairs of 40 epochs
     python -m benchmarks.checkpoint_epoch --reps 5 --epochs 60
     python -m benchmarks.checkpoint_epoch --writers thread,no-fsync,no-write
+    python -m benchmarks.checkpoint_epoch --reps 1 --epochs 600 --late 35 --writers thread
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def _process_cpu(pid: int) -> tuple[float, float]:
 
 
 def run_once(checkpoint: bool, epochs: int, skip: int, background: bool | str = True,
-             spare: int | None = None, knockout: str | None = None) -> dict:
+             spare: int | None = None, knockout: str | None = None,
+             late: int | None = None) -> dict:
     import jaxfit.checkpoint._writer as writer_module
     from benchmarks.jaxfit_contender import everyday_callbacks
     from benchmarks.workloads import WORKLOADS
@@ -120,6 +122,10 @@ def run_once(checkpoint: bool, epochs: int, skip: int, background: bool | str = 
         "steps ms": _median_ms([e[-1] - e[0] for e in per[1:]]),
         "boundary ms": _median_ms([b[0] - a[-1] for a, b in zip(per, per[1:])]),
     }
+    if late:  # the same over the fit's last epochs: does the boundary grow as the run does?
+        tail = marks.epochs[-late:]
+        out[f"boundary ms, last {late}"] = _median_ms([b[0] - a[-1]
+                                                       for a, b in zip(tail, tail[1:])])
     saver = next((c for c in callbacks if type(c).__name__ == "ModelCheckpoint"), None)
     if saver is not None:
         out["blocking ms"] = _median_ms(saver.stats.blocking[skip:])
@@ -144,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="ModelCheckpoint's writers to compare: process "
                         "(background='process'), thread (the default background=True); "
                         "no-fsync and no-write: the thread with a part of the save left out")
+    p.add_argument("--late", type=int, default=None,
+                   help="also the boundary's median over the last LATE epochs (with a long "
+                        "--epochs: whether a save costs more as the run's history grows)")
     p.add_argument("--spare-core", action="store_true",
                    help="train on one CPU and give the writer process another (Linux): what "
                         "the writer costs where training leaves a core free")
@@ -162,12 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, list[dict]] = {label: [] for label in variants}
     for rep in range(args.reps):
         for label, (checkpoint, background, knockout) in variants.items():
-            got = run_once(checkpoint, args.epochs, args.skip, background, spare, knockout)
+            got = run_once(checkpoint, args.epochs, args.skip, background, spare, knockout,
+                           args.late)
             rows[label].append(got)
             print(f"rep {rep + 1} {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()),
                   file=sys.stderr, flush=True)
     print(f"\n`python -m benchmarks.checkpoint_epoch --reps {args.reps} --epochs {args.epochs} "
-          f"--writers {args.writers}{' --spare-core' if args.spare_core else ''}`: "
+          f"--writers {args.writers}{f' --late {args.late}' if args.late else ''}"
+          f"{' --spare-core' if args.spare_core else ''}`: "
           "W1 with the everyday callbacks, medians over epochs, then over repetitions "
           "(min-max)\n")
     keys = list(dict.fromkeys(k for runs in rows.values() for k in runs[0]))

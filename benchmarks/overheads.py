@@ -9,6 +9,9 @@
   left out: there is no validation data).
 - **resume**: from ``Trainer.load(run)`` to the end of the first resumed step, against a fresh
   start's time from ``Trainer(...)`` to the end of its first step; each in a new process.
+- **fit again**: from a second ``fit`` call of a trained run (``fit(epochs=2)`` in the process
+  that trained the first epoch, with ModelCheckpoint) to the end of its first step: what a
+  user who calls ``fit`` an epoch at a time pays per call.
 
     python -m benchmarks.overheads                 # W1-W3, 3 repetitions
     python -m benchmarks.overheads --workloads W1 --reps 1
@@ -170,6 +173,13 @@ def probe(kind: str, workload: str, workdir: str, epochs: int) -> dict:
         return out
     run_dir = os.path.join(workdir, "run")
     first = FirstStep()
+    if kind == "refit":
+        trainer = _trainer(w)
+        trainer.fit(w.make_model(), (x, y), epochs=epochs, batch_size=w.batch_size,
+                    callbacks=[cbs.ModelCheckpoint(run_dir), first], verbose=0)
+        T0[0] = time.perf_counter()
+        trainer.fit(epochs=epochs + 1, verbose=0)
+        return {"first_step_s": first.seconds}
     T0[0] = time.perf_counter()
     if kind == "fresh":
         _trainer(w).fit(w.make_model(), (x, y), epochs=epochs, batch_size=w.batch_size,
@@ -215,7 +225,8 @@ def main(argv: list[str] | None = None) -> str:
         return ""
     rows = []
     for w in args.workloads.split(","):
-        runs: dict[str, list] = {"checkpoint": [], "gap": [], "fresh": [], "resume": []}
+        runs: dict[str, list] = {"checkpoint": [], "gap": [], "fresh": [], "resume": [],
+                                 "refit": []}
         for _ in range(args.reps):
             for kind in ("checkpoint", "gap"):
                 with tempfile.TemporaryDirectory(prefix="jaxfit-oh-") as d:
@@ -223,6 +234,8 @@ def main(argv: list[str] | None = None) -> str:
             with tempfile.TemporaryDirectory(prefix="jaxfit-oh-") as d:
                 runs["fresh"].append(_run("fresh", w, 1, d))
                 runs["resume"].append(_run("resume", w, 1, d))
+            with tempfile.TemporaryDirectory(prefix="jaxfit-oh-") as d:
+                runs["refit"].append(_run("refit", w, 1, d))
         rows.append((w, runs))
         print(f"{w}: {json.dumps(runs)}", file=sys.stderr, flush=True)
     text = _table(rows, args.reps)
@@ -244,8 +257,9 @@ def _table(rows, reps: int) -> str:
     lines = [
         f"### Overheads, milliseconds: median (min–max) over {reps} repetition(s)", "",
         "| workload | checkpoint blocks (background) | inline write | ratio | epoch gap, History "
-        "only | epoch gap, all built-ins | fresh: first step | Trainer.load: first step |",
-        "|---|---|---|---|---|---|---|---|",
+        "only | epoch gap, all built-ins | fresh: first step | Trainer.load: first step "
+        "| fit again: first step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     errors = []
     for w, runs in rows:
@@ -260,7 +274,8 @@ def _table(rows, reps: int) -> str:
             f"| {_med([r['history_only'] for r in ok['gap']])} "
             f"| {_med([r['all_builtin'] for r in ok['gap']])} "
             f"| {_med([r['first_step_s'] for r in ok['fresh']])} "
-            f"| {_med([r['first_step_s'] for r in ok['resume']])} |"
+            f"| {_med([r['first_step_s'] for r in ok['resume']])} "
+            f"| {_med([r['first_step_s'] for r in ok.get('refit', [])])} |"
         )
     for _, runs in rows[:1]:
         names = next((r.get("all_builtin_callbacks") for r in runs["gap"] if "error" not in r),

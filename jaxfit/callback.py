@@ -182,6 +182,16 @@ class CallbackList:
     def state_dict(self) -> dict[str, Any]:
         return {cb.state_key: cb.state_dict() for cb in self.callbacks}
 
+    @staticmethod
+    def states_of(callbacks: Iterable[Callback]) -> dict[str, Any]:
+        """``CallbackList(callbacks).state_dict()`` without building the per-hook lists: every
+        checkpoint save asks, on the training thread."""
+        ordered = sorted(callbacks, key=lambda cb: cb.order)
+        states = {cb.state_key: cb.state_dict() for cb in ordered}
+        if len(states) != len(ordered):  # two share a state_key: the list's own error
+            return CallbackList(ordered).state_dict()
+        return states
+
     def load_state_dict(self, states: dict[str, Any]) -> None:
         for cb in self.callbacks:
             if cb.state_key in states:

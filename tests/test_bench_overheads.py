@@ -35,10 +35,11 @@ def test_table_reports_medians_ratio_and_failures():
                  "all_builtin_callbacks": ["CSVLogger"]}],
         "fresh": [{"first_step_s": 2.0}],
         "resume": [{"error": "exit 1: boom"}],
+        "refit": [{"first_step_s": 0.012}, {"first_step_s": 0.016}],
     }
     text = overheads._table([("W1", runs)], reps=2)
     assert ("| W1 | 3.0 (2.0–4.0) | 40.0 (40.0–40.0) | 0.075 | 1.0 (1.0–1.0) "
-            "| 3.0 (3.0–3.0) | 2000.0 (2000.0–2000.0) | – |") in text
+            "| 3.0 (3.0–3.0) | 2000.0 (2000.0–2000.0) | – | 14.0 (12.0–16.0) |") in text
     assert "All built-ins: CSVLogger (and History)." in text
     assert "- W1 resume: exit 1: boom" in text
 

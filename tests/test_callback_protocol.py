@@ -149,6 +149,26 @@ def test_two_callbacks_with_one_state_key_are_refused():
         CallbackList([C(), C()])
 
 
+def test_the_states_a_save_records_are_the_callback_lists_own():
+    class Counter(Callback):
+        def __init__(self, key, order, n):
+            self.key, self.order, self.n = key, order, n
+
+        @property
+        def state_key(self):
+            return self.key
+
+        def state_dict(self):
+            return {"n": self.n}
+
+    made = [Counter("late", 300, 1), Counter("early", -5, 2), Counter("mid", 0, 3)]
+    states = CallbackList.states_of(made)
+    assert states == CallbackList(made).state_dict()
+    assert list(states) == ["early", "mid", "late"]  # in run order, as the list keeps them
+    with pytest.raises(ConfigError, match="share the state_key"):
+        CallbackList.states_of([*made, Counter("mid", 1, 4)])
+
+
 def test_a_non_callback_is_refused(data):
     x, y = data
     with pytest.raises(ConfigError, match=r"callbacks\[0\] is a function, not a jaxfit.Callback"):
