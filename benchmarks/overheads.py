@@ -275,7 +275,7 @@ def _table(rows, reps: int) -> str:
             f"| {_med([r['all_builtin'] for r in ok['gap']])} "
             f"| {_med([r['first_step_s'] for r in ok['fresh']])} "
             f"| {_med([r['first_step_s'] for r in ok['resume']])} "
-            f"| {_med([r['first_step_s'] for r in ok.get('refit', [])])} |"
+            f"| {_med([r['first_step_s'] for r in ok['refit']])} |"
         )
     for _, runs in rows[:1]:
         names = next((r.get("all_builtin_callbacks") for r in runs["gap"] if "error" not in r),

@@ -32,11 +32,9 @@ def state_dict(trainer: Trainer) -> dict[str, Any]:
     return sd
 
 
-def meta_dict(trainer: Trainer, *, copied: bool = False) -> dict[str, Any]:
+def meta_dict(trainer: Trainer) -> dict[str, Any]:
     """Everything of ``state_dict`` but the arrays of the train state (``train_state`` is
-    empty): what a sharded checkpoint stores beside its part files. ``copied``: the caller
-    copies the result before anyone may change it (a save's ``owned_copy``), so parts that
-    stay the same from one save to the next may be shared."""
+    empty): what a sharded checkpoint stores beside its part files."""
     return {
         "format": STATE_FORMAT,
         "train_state": {},
@@ -53,7 +51,7 @@ def meta_dict(trainer: Trainer, *, copied: bool = False) -> dict[str, Any]:
         "seed": trainer.seed,
         "run_id": trainer.run_id,
         "rng": _seed_key_data(trainer.seed).copy(),
-        "input_spec": _encoded_spec(trainer._batch_spec) if copied else encode_spec(trainer._batch_spec),
+        "input_spec": encode_spec(trainer._batch_spec),
         "history": trainer.history.state_dict(),
         "callbacks": CallbackList.states_of(trainer._user_callbacks),
         "stop_reason": trainer.stop_reason,
@@ -142,17 +140,6 @@ def _layout(trainer: Trainer) -> dict[str, Any]:
 def _seed_key_data(seed: int) -> np.ndarray:
     # Computed once per seed: every checkpoint save asks for it, on the training thread.
     return np.asarray(jax.random.key_data(jax.random.key(seed)))
-
-
-_LAST_SPEC: list = [None, None]  # (spec, its encoding): a run saves the same spec each time
-
-
-def _encoded_spec(spec: Any) -> Any:
-    """``encode_spec(spec)``, kept for the last spec asked (each save asks; the encoding is
-    only read, and copied into each save's host state)."""
-    if spec is None or _LAST_SPEC[0] is not spec:
-        _LAST_SPEC[:] = [spec, encode_spec(spec)]
-    return _LAST_SPEC[1]
 
 
 def encode_spec(spec: Any) -> Any:

@@ -180,7 +180,7 @@ class CallbackList:
                 raise CallbackError(cb, hook, e) from e
 
     def state_dict(self) -> dict[str, Any]:
-        return {cb.state_key: cb.state_dict() for cb in self.callbacks}
+        return self.states_of(self.callbacks)
 
     @staticmethod
     def states_of(callbacks: Iterable[Callback]) -> dict[str, Any]:
@@ -188,8 +188,8 @@ class CallbackList:
         checkpoint save asks, on the training thread."""
         ordered = sorted(callbacks, key=lambda cb: cb.order)
         states = {cb.state_key: cb.state_dict() for cb in ordered}
-        if len(states) != len(ordered):  # two share a state_key: the list's own error
-            return CallbackList(ordered).state_dict()
+        if len(states) != len(ordered):
+            CallbackList(ordered)  # two share a state_key: raises the list's own error
         return states
 
     def load_state_dict(self, states: dict[str, Any]) -> None:

@@ -164,6 +164,9 @@ class ArrayData:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == epoch:
             return ahead[1]
+        return self._permutation(epoch)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
     def executions(self, epoch: int, start: int = 0, k: int = 1, position: Any = None,
@@ -206,7 +209,7 @@ class ArrayData:
             i += 1
         if self.shuffle and i == self.steps_per_epoch:
             # The loop draws the epoch's last execution from here while the one before runs.
-            self._ahead = (epoch + 1, np.random.default_rng([self.seed, epoch + 1]).permutation(self.n))
+            self._ahead = (epoch + 1, self._permutation(epoch + 1))
 
     def example(self) -> Any:
         """A first batch, for shape inference and initialisation."""

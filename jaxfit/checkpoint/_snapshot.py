@@ -260,7 +260,7 @@ def capture(trainer: Trainer, *, sharded: bool) -> Capture:
     jax.block_until_ready(es)
     dispatched = time.perf_counter()
     snap = Snapshot(es, sharded=sharded)
-    state = owned_copy(_state.meta_dict(trainer, copied=True))
+    state = owned_copy(_state.meta_dict(trainer))
     return Capture(state, fetcher(snap, state, sharded), dispatched - start,
                    time.perf_counter() - dispatched)
 
