@@ -103,6 +103,13 @@ def _timed_checkpoint(cls: type, blocked: list[float]) -> type:
             super().on_epoch_end(trainer, logs)
             blocked.append(time.perf_counter() - t)
 
+        def on_epoch_start(self, trainer) -> None:
+            # A background save taken at an epoch's end is handed to its writer here.
+            t = time.perf_counter()
+            super().on_epoch_start(trainer)
+            if blocked:
+                blocked[-1] += time.perf_counter() - t
+
     return TimedCheckpoint
 
 

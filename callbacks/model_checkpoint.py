@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,12 +48,15 @@ class ModelCheckpoint(Callback):
     Saving blocks training only to dispatch a device-side copy of the arrays (the next
     donated step cannot clobber it) and to copy the small rest; fetching the copy to the
     host, testing it for NaN/inf, serializing, checksumming, fsyncing and the atomic rename
-    happen in a background thread. The devices hold that second copy
+    happen in a background thread. An epoch-end save is taken in ``on_epoch_end`` and handed
+    to that thread when the next epoch starts (or the fit ends), after the loggers have
+    written the epoch's rows. The devices hold that second copy
     of the state until its write is done. A state with a sharded array is written as a
     sharded checkpoint: each process writes its own slices (see docs/scaling.md). A kill at
     any instant leaves every earlier checkpoint loadable. When fit is stopped by SIGTERM (preemption) or Ctrl-C,
     a checkpoint of the last finished step is written before ``fit`` ends; however ``fit``
-    ends, it returns only after every checkpoint is on disk.
+    ends, it returns only after every checkpoint is on disk; ``wait_until_finished()`` waits
+    for them during the fit.
 
     Retention keeps two separate guarantees: the ``keep_last`` newest checkpoints, and the
     ``keep_best`` best ones by ``monitor``. A best checkpoint never displaces the newest.
@@ -156,11 +161,12 @@ class ModelCheckpoint(Callback):
         self._last_time = 0.0
         self._last_logs: dict[str, Any] = {}
         self._epoch_validated = False
+        self._held: Callable[[], None] | None = None  # a save taken, not yet handed over
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled into the recipe: no thread, no lock, no timings of this process.
         state = dict(self.__dict__)
-        state.update(_writer=None, _lock=None, _saved_at=None, _last_logs={},
+        state.update(_writer=None, _lock=None, _saved_at=None, _last_logs={}, _held=None,
                      stats=SaveStats())
         return state
 
@@ -287,7 +293,14 @@ class ModelCheckpoint(Callback):
         if self._writer is None:
             return
         if (self.every_n_epochs is not None and trainer.epoch % self.every_n_epochs == 0) or validated:
-            self._save(trainer, "epoch")
+            # Taken now; a background writer gets it when the next epoch starts (or the fit
+            # ends): the loggers that run after this callback (CSVLogger, TensorBoard,
+            # RichProgress) then write their rows without a writer thread taking the
+            # interpreter lock at each of their system calls. An inline save is written here.
+            self._save(trainer, "epoch", hold=bool(self.background))
+
+    def on_epoch_start(self, trainer: Trainer) -> None:
+        self._submit_held()
 
     def on_fit_end(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         try:
@@ -299,6 +312,7 @@ class ModelCheckpoint(Callback):
     def _finish(self, trainer: Trainer, logs: dict[str, Any]) -> None:
         failed = logs.get("exception") is not None
         try:
+            self._submit_held()  # taken at an epoch's end, before any error
             # After an error the state may be half-updated (or donated away): never save it.
             # A stop by signal, callback or the last epoch saves what is not on disk yet.
             if not failed and self._position(trainer) != self._saved_at:
@@ -313,6 +327,19 @@ class ModelCheckpoint(Callback):
                 raise
             warnings.warn(f"ModelCheckpoint: a checkpoint write failed too: {err}", stacklevel=3)
 
+    def wait_until_finished(self) -> None:
+        """Blocks until every checkpoint this callback has taken is on disk.
+
+        For a callback that reads the checkpoints during the fit (to upload or evaluate the
+        newest): a background save of an epoch's end is handed to the writer only when the
+        next epoch starts, so call this first. Re-raises a failed write's
+        ``CheckpointError``. Outside a fit there is nothing to wait for: ``fit`` returns only
+        after every checkpoint is on disk.
+        """
+        self._submit_held()
+        if self._writer is not None:
+            self._writer.wait()
+
     def teardown(self, trainer: Trainer) -> None:
         # Also after a fit that failed between setup and on_fit_start (nothing in flight then).
         self._release()
@@ -323,6 +350,7 @@ class ModelCheckpoint(Callback):
         writer, self._writer = getattr(self, "_writer", None), None
         if writer is not None:
             try:
+                self._submit_held(writer)
                 writer.close()
             except CheckpointError:
                 pass
@@ -354,7 +382,8 @@ class ModelCheckpoint(Callback):
         return directory
 
     # ------------------------------------------------------------------ saving
-    def _save(self, trainer: Trainer, reason: str, metrics: dict[str, Any] | None = None) -> None:
+    def _save(self, trainer: Trainer, reason: str, metrics: dict[str, Any] | None = None, *,
+              hold: bool = False) -> None:
         if trainer.stop_reason == "terminate_on_nan":
             return  # non-finite values were seen: nothing from here on is worth resuming
         # Steps are dispatched ahead of the device: the capture waits for the ones under way
@@ -370,18 +399,29 @@ class ModelCheckpoint(Callback):
         if metrics is None:
             metrics = self._last_logs if at["batch_in_epoch"] == 0 else {}
         assert self._writer is not None  # every caller checks it
-        self._writer.save(taken.state, copy_seconds=taken.seconds, fetch=taken.fetch, **at,
-                          reason=reason, metrics=metrics, monitor=self.monitor, mode=self._mode)
-        self._report_skipped()
+        self._submit_held()
+        self._held = functools.partial(
+            self._writer.save, taken.state, copy_seconds=taken.seconds, fetch=taken.fetch, **at,
+            reason=reason, metrics=metrics, monitor=self.monitor, mode=self._mode)
+        if not hold:
+            self._submit_held()
         self._saved_at = (at["step"], at["batch_in_epoch"])
         self._last_time = time.monotonic()
 
-    def _report_skipped(self) -> None:
+    def _submit_held(self, writer: RunWriter | None = None) -> None:
+        """Hands the save taken and held back (``_save(hold=True)``) to the writer."""
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None and (writer or self._writer) is not None:
+            held()
+            self._report_skipped(writer)
+
+    def _report_skipped(self, writer: RunWriter | None = None) -> None:
         # NaN/inf weights never reach a checkpoint, whoever is watching the loss: a resume
         # starts from the last finite state instead. (Found by the writer: reported at this
         # save when writing inline, else at the next save or the end of fit.)
-        assert self._writer is not None
-        for step in self._writer.take_skipped():
+        writer = writer or self._writer
+        assert writer is not None
+        for step in writer.take_skipped():
             self.skipped_nonfinite.append(step)
             warnings.warn(f"ModelCheckpoint: not saving step {step}: the params hold NaN or inf "
                           "values; the checkpoints on disk keep the last finite state",

@@ -61,8 +61,7 @@ class Killer(Callback):
             return  # the resumed process restores this callback too: it must not fire again
         if self.wait:
             for cb in trainer.callbacks.find(ModelCheckpoint):
-                if cb._writer is not None:
-                    cb._writer.wait()
+                cb.wait_until_finished()
         if self.mid_write_in is not None:
             # The writes before this step's are on disk (with a writer process, one save may
             # be queued behind another); this step's may not have created its temporary

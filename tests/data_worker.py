@@ -83,7 +83,7 @@ def main(mode, run_dir, out, step=None):
         def on_train_batch_end(self, trainer, logs):
             if os.environ.get("DATA_WORKER_KILL") == "1" and trainer.step == self.at:
                 for cb in trainer.callbacks.find(ModelCheckpoint):
-                    cb._writer.wait()
+                    cb.wait_until_finished()
                 os.kill(os.getpid(), signal.SIGKILL)
 
     if mode == "resume":

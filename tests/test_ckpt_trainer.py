@@ -359,3 +359,68 @@ def test_a_new_run_refuses_a_directory_holding_another_runs_checkpoints(tmp_path
     resumed = Trainer.load(tmp_path)  # the run itself continues in its directory
     resumed.fit(epochs=3)
     assert max(info.step for info in scan(tmp_path)) == 15
+
+
+class CountSaves(Callback):
+    """Runs after ModelCheckpoint (order 150) and counts the saves its writer has received."""
+
+    order = 150
+
+    def __init__(self, mc, run, fail_at=None, wait=False):
+        self.mc, self.run, self.fail_at, self.wait, self.seen = mc, run, fail_at, wait, []
+
+    def on_epoch_end(self, trainer, logs):
+        if self.wait:
+            self.mc.wait_until_finished()
+        self.seen.append(("end", trainer.epoch, len(self.mc.stats.blocking), len(_names(self.run))))
+        if trainer.epoch == self.fail_at:
+            raise RuntimeError("logger failed")
+
+    def on_epoch_start(self, trainer):
+        self.seen.append(("start", trainer.epoch, len(self.mc.stats.blocking)))
+
+
+def test_a_background_epoch_save_reaches_its_writer_after_the_epochs_loggers(tmp_path, data):
+    # Taken in on_epoch_end, handed to the writer thread when the next epoch starts, so the
+    # callbacks after ModelCheckpoint write their rows with no writer thread running; the
+    # last epoch's save is handed over at fit end.
+    run = tmp_path / "run"
+    mc = ModelCheckpoint(run, keep_last=None)
+    counter = CountSaves(mc, run)
+    make_trainer().fit(MLP(), data, epochs=3, batch_size=16, callbacks=[mc, counter])
+    assert [s[:3] for s in counter.seen] == [
+        ("start", 1, 0), ("end", 1, 0), ("start", 2, 1), ("end", 2, 1), ("start", 3, 2),
+        ("end", 3, 2)]
+    assert [n.split("-step")[1] for n in _names(run)] == ["5", "10", "15"]
+    reasons = [json.loads((run / n / "manifest.json").read_text())["reason"] for n in _names(run)]
+    assert reasons == ["epoch"] * 3
+
+
+def test_an_inline_epoch_save_is_on_disk_for_the_callbacks_after_it(tmp_path, data):
+    run = tmp_path / "run"
+    mc = ModelCheckpoint(run, keep_last=None, background=False)
+    counter = CountSaves(mc, run)
+    make_trainer().fit(MLP(), data, epochs=2, batch_size=16, callbacks=[mc, counter])
+    assert [s for s in counter.seen if s[0] == "end"] == [("end", 1, 1, 1), ("end", 2, 2, 2)]
+
+
+def test_an_epoch_save_taken_before_a_later_callback_fails_is_written(tmp_path, data):
+    # Epoch 2's steps all finished and its save was taken before the logger after
+    # ModelCheckpoint raised: that checkpoint is complete and is written before fit re-raises.
+    run = tmp_path / "run"
+    mc = ModelCheckpoint(run, keep_last=None)
+    with pytest.raises(RuntimeError, match="logger failed"):
+        make_trainer().fit(MLP(), data, epochs=3, batch_size=16,
+                           callbacks=[mc, CountSaves(mc, run, fail_at=2)])
+    assert [n.split("-step")[1] for n in _names(run)] == ["5", "10"]
+    resumed = Trainer.load(run)
+    assert (resumed.epoch, resumed.step) == (2, 10)
+
+
+def test_wait_until_finished_puts_the_epochs_background_save_on_disk(tmp_path, data):
+    run = tmp_path / "run"
+    mc = ModelCheckpoint(run, keep_last=None)
+    counter = CountSaves(mc, run, wait=True)
+    make_trainer().fit(MLP(), data, epochs=2, batch_size=16, callbacks=[mc, counter])
+    assert [s for s in counter.seen if s[0] == "end"] == [("end", 1, 1, 1), ("end", 2, 2, 2)]
+    mc.wait_until_finished()  # after the fit: nothing left to wait for
