@@ -14,13 +14,15 @@ epochs after the first ``--skip``):
   the writer thread's user and system CPU per save (``getrusage(RUSAGE_THREAD)``, Linux:
   means, as the kernel counts them in clock ticks).
 
-Two more writers take parts of the save away, to find where its cost lies (diagnostics,
-not ways to run): ``no-fsync`` makes ``os.fsync`` a no-op during the fit, ``no-write``
-skips the write and retention (the writer thread still fetches the snapshot).
+``inline`` writes on the training thread (``background=False``): the whole write then
+lies in the boundary, and the steps run with no writer beside them. Two more writers take
+parts of the save away, to find where its cost lies (diagnostics, not ways to run):
+``no-fsync`` makes ``os.fsync`` a no-op during the fit, ``no-write`` skips the write and
+retention (the writer thread still fetches the snapshot).
 
     python -m benchmarks.checkpoint_epoch                  # 3 pairs of 40 epochs
     python -m benchmarks.checkpoint_epoch --reps 5 --epochs 60
-    python -m benchmarks.checkpoint_epoch --writers thread,no-fsync,no-write
+    python -m benchmarks.checkpoint_epoch --writers thread,no-fsync,no-write,inline
     python -m benchmarks.checkpoint_epoch --reps 1 --epochs 600 --late 35 --writers thread
 """
 
@@ -36,8 +38,8 @@ import tempfile
 import time
 from contextlib import redirect_stdout
 
-_WRITERS: dict[str, bool | str] = {"process": "process", "thread": True, "no-fsync": True,
-                                   "no-write": True}
+_WRITERS: dict[str, bool | str] = {"process": "process", "thread": True, "inline": False,
+                                   "no-fsync": True, "no-write": True}
 
 
 def _median_ms(values) -> float:
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip", type=int, default=5, help="first epochs left out")
     p.add_argument("--writers", default="process,thread",
                    help="ModelCheckpoint's writers to compare: process "
-                        "(background='process'), thread (the default background=True); "
+                        "(background='process'), thread (the default background=True), "
+                        "inline (background=False); "
                         "no-fsync and no-write: the thread with a part of the save left out")
     p.add_argument("--late", type=int, default=None,
                    help="also the boundary's median over the last LATE epochs (with a long "
