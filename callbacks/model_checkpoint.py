@@ -347,13 +347,15 @@ class ModelCheckpoint(Callback):
     def _release(self) -> None:
         # The writer (and its process, which holds a copy of the lock) ends first. One left
         # by a fit that failed: its writes' errors went with that fit.
-        writer, self._writer = getattr(self, "_writer", None), None
+        writer = getattr(self, "_writer", None)
         if writer is not None:
             try:
-                self._submit_held(writer)
+                self._submit_held()
                 writer.close()
             except CheckpointError:
                 pass
+            finally:
+                self._writer = None
         lock, self._lock = getattr(self, "_lock", None), None
         if lock is not None:
             lock.release()
@@ -399,7 +401,7 @@ class ModelCheckpoint(Callback):
         if metrics is None:
             metrics = self._last_logs if at["batch_in_epoch"] == 0 else {}
         assert self._writer is not None  # every caller checks it
-        self._submit_held()
+        self._submit_held()  # saves reach the writer in the order they were taken
         self._held = functools.partial(
             self._writer.save, taken.state, copy_seconds=taken.seconds, fetch=taken.fetch, **at,
             reason=reason, metrics=metrics, monitor=self.monitor, mode=self._mode)
@@ -408,20 +410,19 @@ class ModelCheckpoint(Callback):
         self._saved_at = (at["step"], at["batch_in_epoch"])
         self._last_time = time.monotonic()
 
-    def _submit_held(self, writer: RunWriter | None = None) -> None:
+    def _submit_held(self) -> None:
         """Hands the save taken and held back (``_save(hold=True)``) to the writer."""
-        held, self._held = getattr(self, "_held", None), None
-        if held is not None and (writer or self._writer) is not None:
+        held, self._held = getattr(self, "_held", None), None  # (absent: pickled before)
+        if held is not None and self._writer is not None:
             held()
-            self._report_skipped(writer)
+            self._report_skipped()
 
-    def _report_skipped(self, writer: RunWriter | None = None) -> None:
+    def _report_skipped(self) -> None:
         # NaN/inf weights never reach a checkpoint, whoever is watching the loss: a resume
         # starts from the last finite state instead. (Found by the writer: reported at this
         # save when writing inline, else at the next save or the end of fit.)
-        writer = writer or self._writer
-        assert writer is not None
-        for step in writer.take_skipped():
+        assert self._writer is not None
+        for step in self._writer.take_skipped():
             self.skipped_nonfinite.append(step)
             warnings.warn(f"ModelCheckpoint: not saving step {step}: the params hold NaN or inf "
                           "values; the checkpoints on disk keep the last finite state",
